@@ -1,0 +1,309 @@
+// CPU implementations of the nnsim_fast ops.
+//
+// Determinism: every output element is written by exactly one thread, and the
+// rows that feed it are added in row order, so results are bitwise identical
+// for any thread count.  The scatter parallelises over column tiles (a thread
+// owns a tile of the m x d output for a whole chunk of rows); the backward
+// gather and the hash parallelise over rows.  No atomics.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "../checks.h"
+#include "../hash.h"
+
+namespace nnsim {
+namespace {
+
+// Rows hashed per pass: the chunk's buckets and values stay cache resident
+// while every column tile streams over the chunk's rows.
+constexpr int64_t kChunkRows = 16384;
+// A thread's output tile (m x width accumulators) is sized to stay in L2.
+constexpr int64_t kTileBytes = 1536 * 1024;
+constexpr int64_t kMinTileCols = 16;
+constexpr int64_t kGramBlock = 128;
+
+inline int64_t global_row(const int64_t* rows, int64_t offset, int64_t i) {
+  return offset + (rows != nullptr ? rows[i] : i);
+}
+
+// Buckets and signed values (sign / sqrt(s)) of rows [begin, end), stored
+// relative to `begin`, s entries per row.
+template <typename acc_t>
+void hash_rows(const SketchHash& hash, const int64_t* rows, int64_t offset, int64_t begin,
+               int64_t end, int64_t* bucket, acc_t* value) {
+  const int s = hash.sparsity;
+  const acc_t scale = static_cast<acc_t>(hash.scale);
+  at::parallel_for(begin, end, 2048, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t r = global_row(rows, offset, i);
+      for (int j = 0; j < s; ++j) {
+        const uint64_t h = row_hash(hash.key[j], r);
+        bucket[(i - begin) * s + j] = hash_bucket(hash, j, h);
+        value[(i - begin) * s + j] = hash_negative(h) ? -scale : scale;
+      }
+    }
+  });
+}
+
+// Work split of the scatter.  A task owns a range of output buckets and a
+// column tile of both inputs, and adds the chunk's rows that land in its range
+// in row order.  Every output element thus has one owner and one summation
+// order (the row order), whatever the number of threads or tasks.
+struct Split {
+  int64_t ranges;        // bucket ranges [r * m / ranges, (r + 1) * m / ranges)
+  int64_t col_tiles;     // column tiles per input
+};
+
+Split make_split(int64_t m, int64_t df, int64_t dg, int64_t acc_bytes) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // One bucket range per thread: each thread then reads about 1/threads of
+  // the rows, whole, in increasing address order (prefetch friendly).  Column
+  // tiles are added only when m < threads or a thread's output block would
+  // not stay in L2 while rows stream past it.
+  const int64_t ranges = std::min(m, threads);
+  const int64_t block_bytes = (m / ranges + 1) * (df + dg) * acc_bytes;
+  int64_t col_tiles = std::max((threads + ranges - 1) / ranges,
+                               (block_bytes + kTileBytes - 1) / kTileBytes);
+  col_tiles = std::min(col_tiles, std::max<int64_t>(1, std::max(df, dg) / kMinTileCols));
+  return {ranges, col_tiles};
+}
+
+template <typename in_t, typename acc_t>
+void add_rows(const in_t* __restrict x, int64_t row_stride, int64_t col_stride,
+              const int64_t* entry, int64_t count, int s, const int64_t* bucket,
+              const acc_t* value, acc_t* acc, int64_t acc_cols, int64_t c0, int64_t width) {
+  if (width <= 0) return;
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t e = entry[k];
+    const in_t* __restrict x_row = x + (e / s) * row_stride + c0 * col_stride;
+    acc_t* __restrict out = acc + bucket[e] * acc_cols + c0;
+    const acc_t v = value[e];
+    if (col_stride == 1) {
+      for (int64_t c = 0; c < width; ++c) out[c] += v * static_cast<acc_t>(x_row[c]);
+    } else {
+      for (int64_t c = 0; c < width; ++c) out[c] += v * static_cast<acc_t>(x_row[c * col_stride]);
+    }
+  }
+}
+
+template <typename in_t, typename acc_t>
+void accumulate_pair(at::Tensor& acc_f, at::Tensor& acc_g, const at::Tensor& f,
+                     const at::Tensor* g, const int64_t* rows, const SketchHash& hash,
+                     int64_t offset) {
+  const int64_t n = f.size(0);
+  const int64_t m = acc_f.size(0);
+  const int64_t d[2] = {f.size(1), g != nullptr ? g->size(1) : 0};
+  const int s = hash.sparsity;
+  const Split split = make_split(m, d[0], d[1], sizeof(acc_t));
+  const int64_t chunk = std::min(n, kChunkRows);
+  std::vector<int64_t> bucket(chunk * s), entry(chunk * s), range_start(split.ranges + 1);
+  std::vector<acc_t> value(chunk * s);
+  const in_t* x[2] = {f.const_data_ptr<in_t>(), g != nullptr ? g->const_data_ptr<in_t>() : nullptr};
+  const int64_t row_stride[2] = {f.stride(0), g != nullptr ? g->stride(0) : 0};
+  const int64_t col_stride[2] = {f.stride(1), g != nullptr ? g->stride(1) : 0};
+  acc_t* out[2] = {acc_f.mutable_data_ptr<acc_t>(),
+                   g != nullptr ? acc_g.mutable_data_ptr<acc_t>() : nullptr};
+  auto range_of = [&](int64_t b) { return b * split.ranges / m; };
+
+  for (int64_t begin = 0; begin < n; begin += chunk) {
+    const int64_t end = std::min(n, begin + chunk);
+    const int64_t entries = (end - begin) * s;
+    hash_rows<acc_t>(hash, rows, offset, begin, end, bucket.data(), value.data());
+    // Stable counting sort of the chunk's (row, block) entries by bucket range.
+    std::fill(range_start.begin(), range_start.end(), 0);
+    for (int64_t e = 0; e < entries; ++e) ++range_start[range_of(bucket[e]) + 1];
+    for (int64_t r = 0; r < split.ranges; ++r) range_start[r + 1] += range_start[r];
+    {
+      std::vector<int64_t> cursor(range_start.begin(), range_start.end() - 1);
+      for (int64_t e = 0; e < entries; ++e) entry[cursor[range_of(bucket[e])]++] = e;
+    }
+    const int64_t tasks = split.ranges * split.col_tiles;
+    at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t r = t / split.col_tiles, tile = t % split.col_tiles;
+        const int64_t* list = entry.data() + range_start[r];
+        const int64_t count = range_start[r + 1] - range_start[r];
+        for (int k = 0; k < 2; ++k) {
+          if (x[k] == nullptr) continue;
+          const int64_t width = (d[k] + split.col_tiles - 1) / split.col_tiles;
+          const int64_t c0 = tile * width;
+          add_rows<in_t, acc_t>(x[k] + begin * row_stride[k], row_stride[k], col_stride[k], list,
+                                count, s, bucket.data(), value.data(), out[k], d[k], c0,
+                                std::min(width, d[k] - c0));
+        }
+      }
+    });
+  }
+}
+
+const int64_t* rows_ptr(const std::optional<at::Tensor>& rows, at::Tensor& holder) {
+  if (!rows.has_value()) return nullptr;
+  holder = rows->contiguous();
+  return holder.const_data_ptr<int64_t>();
+}
+
+// acc_g / g may be absent (single-input countsketch): pass g == nullptr.
+void accumulate_dispatch(at::Tensor& acc_f, at::Tensor& acc_g, const at::Tensor& f,
+                         const at::Tensor* g, const std::optional<at::Tensor>& rows,
+                         int64_t seed, int64_t offset, int64_t sparsity) {
+  if (f.size(0) == 0) return;
+  at::Tensor rows_holder;
+  const int64_t* row_ids = rows_ptr(rows, rows_holder);
+  const SketchHash hash =
+      make_sketch_hash(static_cast<uint64_t>(seed), acc_f.size(0), static_cast<int>(sparsity));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "countsketch", [&] {
+    using in_t = scalar_t;
+    if (acc_f.scalar_type() == at::kDouble) {
+      accumulate_pair<in_t, double>(acc_f, acc_g, f, g, row_ids, hash, offset);
+    } else {
+      accumulate_pair<in_t, float>(acc_f, acc_g, f, g, row_ids, hash, offset);
+    }
+  });
+}
+
+void countsketch_pair_inplace_cpu(at::Tensor acc_f, at::Tensor acc_g, const at::Tensor& f,
+                                  const at::Tensor& g, const std::optional<at::Tensor>& rows,
+                                  int64_t seed, int64_t offset, int64_t sparsity,
+                                  bool /*deterministic: the CPU path always is*/) {
+  check_pair(f, g);
+  check_accumulators(acc_f, acc_g, f, g);
+  check_sketch_args(acc_f.size(0), seed, offset, sparsity);
+  check_rows(rows, f.size(0), f);
+  accumulate_dispatch(acc_f, acc_g, f, &g, rows, seed, offset, sparsity);
+}
+
+std::tuple<at::Tensor, at::Tensor> countsketch_pair_cpu(const at::Tensor& f, const at::Tensor& g,
+                                                        const std::optional<at::Tensor>& rows,
+                                                        int64_t m, int64_t seed, int64_t offset,
+                                                        int64_t sparsity, bool deterministic) {
+  check_pair(f, g);
+  check_sketch_args(m, seed, offset, sparsity);
+  const auto options = f.options().dtype(accumulate_dtype(f.scalar_type()));
+  at::Tensor sketch_f = at::zeros({m, f.size(1)}, options);
+  at::Tensor sketch_g = at::zeros({m, g.size(1)}, options);
+  countsketch_pair_inplace_cpu(sketch_f, sketch_g, f, g, rows, seed, offset, sparsity,
+                               deterministic);
+  return {sketch_f, sketch_g};
+}
+
+at::Tensor countsketch_cpu(const at::Tensor& x, const std::optional<at::Tensor>& rows, int64_t m,
+                           int64_t seed, int64_t offset, int64_t sparsity, bool /*deterministic*/) {
+  check_matrix(x, "x");
+  check_sketch_args(m, seed, offset, sparsity);
+  check_rows(rows, x.size(0), x);
+  at::Tensor sketch = at::zeros({m, x.size(1)}, x.options().dtype(accumulate_dtype(x.scalar_type())));
+  at::Tensor unused;
+  accumulate_dispatch(sketch, unused, x, nullptr, rows, seed, offset, sparsity);
+  return sketch;
+}
+
+at::Tensor countsketch_backward_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>& rows,
+                                    int64_t n, int64_t seed, int64_t offset, int64_t sparsity) {
+  check_matrix(grad_y, "grad_y");
+  TORCH_CHECK_VALUE(n >= 0, "n must be >= 0, got ", n);
+  const int64_t m = grad_y.size(0);
+  check_sketch_args(m, seed, offset, sparsity);
+  check_rows(rows, n, grad_y);
+  const at::Tensor gy = grad_y.contiguous();
+  at::Tensor grad_x = at::empty({n, gy.size(1)}, gy.options());
+  if (n == 0 || gy.size(1) == 0) return grad_x;
+  at::Tensor rows_holder;
+  const int64_t* row_ids = rows_ptr(rows, rows_holder);
+  const SketchHash hash = make_sketch_hash(static_cast<uint64_t>(seed), m, static_cast<int>(sparsity));
+  const int64_t d = gy.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "countsketch_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = gy.const_data_ptr<scalar_t>();
+    scalar_t* dst = grad_x.mutable_data_ptr<scalar_t>();
+    const acc_t scale = static_cast<acc_t>(hash.scale);
+    at::parallel_for(0, n, std::max<int64_t>(1, 65536 / std::max<int64_t>(d, 1)), [&](int64_t lo, int64_t hi) {
+      std::vector<acc_t> row(d);
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t r = global_row(row_ids, offset, i);
+        std::fill(row.begin(), row.end(), acc_t(0));
+        for (int j = 0; j < hash.sparsity; ++j) {
+          const uint64_t h = row_hash(hash.key[j], r);
+          const scalar_t* __restrict g_row = src + hash_bucket(hash, j, h) * d;
+          const acc_t v = hash_negative(h) ? -scale : scale;
+          for (int64_t c = 0; c < d; ++c) row[c] += v * static_cast<acc_t>(g_row[c]);
+        }
+        for (int64_t c = 0; c < d; ++c) dst[i * d + c] = static_cast<scalar_t>(row[c]);
+      }
+    });
+  });
+  return grad_x;
+}
+
+std::tuple<at::Tensor, at::Tensor> sketch_hash_cpu(const at::Tensor& rows, int64_t m, int64_t seed,
+                                                   int64_t sparsity) {
+  TORCH_CHECK_VALUE(rows.dim() == 1, "rows must be a 1-D tensor, got shape ", rows.sizes());
+  TORCH_CHECK_TYPE(rows.scalar_type() == at::kLong, "rows must be int64, got ", rows.scalar_type());
+  check_sketch_args(m, seed, 0, sparsity);
+  const at::Tensor r = rows.contiguous();
+  const int64_t n = r.size(0);
+  at::Tensor buckets = at::empty({n, sparsity}, r.options());
+  at::Tensor signs = at::empty({n, sparsity}, r.options().dtype(at::kFloat));
+  const SketchHash hash = make_sketch_hash(static_cast<uint64_t>(seed), m, static_cast<int>(sparsity));
+  hash_rows<float>(hash, r.const_data_ptr<int64_t>(), 0, 0, n, buckets.mutable_data_ptr<int64_t>(),
+                   signs.mutable_data_ptr<float>());
+  // hash_rows stores sign / sqrt(s); report the bare sign.
+  float* sign = signs.mutable_data_ptr<float>();
+  for (int64_t k = 0; k < n * sparsity; ++k) sign[k] = sign[k] < 0 ? -1.0f : 1.0f;
+  return {buckets, signs};
+}
+
+// (a a^T) o (b b^T) per batch element.  Only blocks on and above the diagonal
+// are computed (the result is symmetric); each block's two Grams come from
+// single-threaded GEMMs inside the parallel region, so the bits do not depend
+// on the thread count.
+at::Tensor hadamard_gram_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
+  check_gram_inputs(a_in, b_in);
+  const auto dtype = accumulate_dtype(a_in.scalar_type());
+  const at::Tensor a = a_in.to(dtype).contiguous();
+  const at::Tensor b = b_in.to(dtype).contiguous();
+  const int64_t batch = a.size(0);
+  const int64_t m = a.size(1);
+  at::Tensor out = at::empty({batch, m, m}, a.options());
+  if (batch == 0 || m == 0) return out;
+  const int64_t blocks = (m + kGramBlock - 1) / kGramBlock;
+  std::vector<std::array<int64_t, 3>> tasks;
+  for (int64_t k = 0; k < batch; ++k)
+    for (int64_t bi = 0; bi < blocks; ++bi)
+      for (int64_t bj = bi; bj < blocks; ++bj) tasks.push_back({k, bi, bj});
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const auto [k, bi, bj] = tasks[t];
+      const int64_t r0 = bi * kGramBlock, rn = std::min(kGramBlock, m - r0);
+      const int64_t c0 = bj * kGramBlock, cn = std::min(kGramBlock, m - c0);
+      const at::Tensor ak = a.select(0, k), bk = b.select(0, k);
+      at::Tensor block = at::mm(ak.narrow(0, r0, rn), ak.narrow(0, c0, cn).t());
+      block.mul_(at::mm(bk.narrow(0, r0, rn), bk.narrow(0, c0, cn).t()));
+      at::Tensor out_k = out.select(0, k);
+      out_k.narrow(0, r0, rn).narrow(1, c0, cn).copy_(block);
+      if (bi != bj) out_k.narrow(0, c0, cn).narrow(1, r0, rn).copy_(block.t());
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace nnsim
+
+TORCH_LIBRARY_IMPL(nnsim_fast, CPU, m) {
+  m.impl("sketch_hash", &nnsim::sketch_hash_cpu);
+  m.impl("countsketch", &nnsim::countsketch_cpu);
+  m.impl("countsketch_pair", &nnsim::countsketch_pair_cpu);
+  m.impl("countsketch_pair_", &nnsim::countsketch_pair_inplace_cpu);
+  m.impl("countsketch_backward", &nnsim::countsketch_backward_cpu);
+  m.impl("hadamard_gram", &nnsim::hadamard_gram_cpu);
+}

@@ -1,0 +1,424 @@
+"""Python face of the native ops: checks, autograd, fake kernels, reference path.
+
+Every op has a pure-PyTorch reference (``reference_*``) that computes the same
+sketch as the native kernels, bucket for bucket and sign for sign.  It serves
+as the test oracle and as the fallback when the extension is missing.
+
+The sketch matrix S (m x n) is a CountSketch (``sparsity=1``) or an OSNAP-style
+sparse embedding with ``sparsity`` blocks of ``m // sparsity`` buckets, values
+``sign / sqrt(sparsity)``.  Row ``i`` of a call has global index
+``offset + i``, or ``offset + rows[i]`` when ``rows`` is given; the hash of the
+global index alone decides its buckets and signs, so the same seed gives the
+same S on any device, batch size, thread count or sharding.  No ``1/sqrt(m)``
+scaling is applied (similarity indices are scale invariant).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = [
+    "native_available", "sketch_hash", "countsketch", "countsketch_pair",
+    "countsketch_pair_", "hadamard_gram", "sketch_matrix",
+    "reference_sketch_hash", "reference_countsketch", "reference_countsketch_pair_",
+    "reference_hadamard_gram",
+]
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_BLOCK_STRIDE = 0xD1B54A32D192ED03
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+MAX_SPARSITY = 32
+MAX_BUCKETS = (1 << 31) - 1
+MAX_SEED = (1 << 63) - 1
+SKETCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.nnsim_fast.*)
+    _NATIVE = True
+    _NATIVE_ERROR: Optional[BaseException] = None
+except Exception as error:  # ImportError, or an ABI mismatch surfacing as OSError
+    _NATIVE = False
+    _NATIVE_ERROR = error
+    warnings.warn(
+        f"nnsim_fast: native extension unavailable ({error}); using the pure-PyTorch "
+        "reference ops, which are correct but slower. Rebuild with "
+        "`pip install --no-build-isolation -e .` to get the native kernels.",
+        RuntimeWarning, stacklevel=2)
+
+
+def native_available() -> bool:
+    """True when the C++/CUDA extension loaded and the ``torch.ops.nnsim_fast`` ops exist."""
+    return _NATIVE
+
+
+def cuda_ops_available() -> bool:
+    """True when the extension was built with its CUDA kernels."""
+    return _NATIVE and bool(getattr(_C, "built_with_cuda", False))
+
+
+# --------------------------------------------------------------------------- checks
+
+def _check_int(value, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, torch.Tensor) or hasattr(value, "__index__"):
+            try:
+                value = int(value.__index__())
+            except (TypeError, AttributeError, RuntimeError):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+        else:
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def _check_sketch_args(m, seed, offset, sparsity) -> Tuple[int, int, int, int]:
+    m = _check_int(m, "m", 1, MAX_BUCKETS)
+    seed = _check_int(seed, "seed", 0, MAX_SEED)
+    offset = _check_int(offset, "offset", 0, MAX_SEED)
+    sparsity = _check_int(sparsity, "sparsity", 1, MAX_SPARSITY)
+    if m % sparsity:
+        raise ValueError(f"sparsity ({sparsity}) must divide m ({m})")
+    return m, seed, offset, sparsity
+
+
+def _check_matrix(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D [n, d] tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in SKETCH_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def _check_rows(rows, n: int, device: torch.device) -> None:
+    if rows is None:
+        return
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"rows must be a torch.Tensor of int64 row indices, got {type(rows).__name__}")
+    if rows.dtype != torch.int64:
+        raise TypeError(f"rows must be int64, got {rows.dtype}")
+    if rows.dim() != 1 or rows.shape[0] != n:
+        raise ValueError(f"rows must be a 1-D tensor of length {n}, got shape {tuple(rows.shape)}")
+    if rows.device != device:
+        raise ValueError(f"rows is on {rows.device} but the data is on {device}")
+    if n and not _is_fake(rows) and bool((rows < 0).any()):
+        raise ValueError("rows must be non-negative row indices")
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    # Under torch.compile tracing we must not read data.
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or type(t).__name__ in (
+        "FakeTensor", "FunctionalTensor") or t.device.type == "meta"
+
+
+def _check_pair(f, g) -> None:
+    _check_matrix(f, "f")
+    _check_matrix(g, "g")
+    if f.shape[0] != g.shape[0]:
+        raise ValueError(f"f and g must have the same number of rows, got {tuple(f.shape)} and "
+                         f"{tuple(g.shape)}")
+    if f.dtype != g.dtype:
+        raise TypeError(f"f and g must have the same dtype, got {f.dtype} and {g.dtype}")
+    if f.device != g.device:
+        raise ValueError(f"f is on {f.device} but g is on {g.device}")
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _deterministic(flag: Optional[bool]) -> bool:
+    if flag is None:
+        return torch.are_deterministic_algorithms_enabled()
+    if not isinstance(flag, bool):
+        raise TypeError(f"deterministic must be a bool or None, got {type(flag).__name__}")
+    return flag
+
+
+# --------------------------------------------------------------------------- reference
+
+def _mix64(z: int) -> int:
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _signed(u: int) -> int:
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64_tensor(z: torch.Tensor) -> torch.Tensor:
+    # int64 multiplication wraps modulo 2^64, so this matches the uint64 code in csrc/hash.h.
+    z = (z ^ _srl(z, 30)) * _signed(_MIX1)
+    z = (z ^ _srl(z, 27)) * _signed(_MIX2)
+    return z ^ _srl(z, 31)
+
+
+def block_keys(seed: int, sparsity: int) -> list:
+    """The per-block hash keys (as Python ints in [0, 2^64)) of csrc/hash.h."""
+    return [_mix64(seed ^ ((_BLOCK_STRIDE * (j + 1)) & _MASK64)) for j in range(sparsity)]
+
+
+def reference_sketch_hash(rows: torch.Tensor, m: int, seed: int, sparsity: int = 1
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Buckets (int64 [n, s]) and signs (float32 +-1, [n, s]) of global rows ``rows``."""
+    width = m // sparsity
+    counter = (rows.to(torch.int64) + 1) * _signed(_GOLDEN)
+    buckets, signs = [], []
+    for j, key in enumerate(block_keys(seed, sparsity)):
+        h = _mix64_tensor(counter + _signed(key))
+        buckets.append(j * width + ((_srl(h, 32) * width) >> 32))
+        signs.append(1.0 - 2.0 * (h & 1).to(torch.float32))
+    return torch.stack(buckets, dim=1), torch.stack(signs, dim=1)
+
+
+def _global_rows(n: int, offset: int, rows: Optional[torch.Tensor], device) -> torch.Tensor:
+    if rows is None:
+        return torch.arange(offset, offset + n, dtype=torch.int64, device=device)
+    return rows + offset
+
+
+def reference_countsketch_pair_(acc_f: torch.Tensor, acc_g: Optional[torch.Tensor],
+                                f: torch.Tensor, g: Optional[torch.Tensor], seed: int,
+                                offset: int = 0, sparsity: int = 1,
+                                rows: Optional[torch.Tensor] = None) -> None:
+    """acc += S x for x in (f, g), in place, in the accumulators' dtype (index_add_)."""
+    m = acc_f.shape[0]
+    buckets, signs = reference_sketch_hash(_global_rows(f.shape[0], offset, rows, f.device),
+                                           m, seed, sparsity)
+    scale = 1.0 / math.sqrt(sparsity)
+    for acc, x in ((acc_f, f), (acc_g, g)):
+        if acc is None or x.shape[0] == 0:
+            continue
+        xs = x.to(acc.dtype)
+        for j in range(sparsity):
+            values = (signs[:, j].to(acc.dtype) * scale).unsqueeze(1)
+            acc.index_add_(0, buckets[:, j], xs * values)
+
+
+def reference_countsketch(x: torch.Tensor, m: int, seed: int, offset: int = 0,
+                          sparsity: int = 1, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """S x with S the m x n sketch; differentiable through index_add_."""
+    out = torch.zeros(m, x.shape[1], dtype=_accumulate_dtype(x.dtype), device=x.device)
+    reference_countsketch_pair_(out, None, x, None, seed, offset, sparsity, rows)
+    return out
+
+
+def reference_hadamard_gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(a a^T) o (b b^T), batched, with torch.bmm."""
+    dtype = _accumulate_dtype(a.dtype)
+    a, b = a.to(dtype), b.to(dtype)
+    return torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))
+
+
+# --------------------------------------------------------------------------- public ops
+
+def sketch_hash(n: int, m: int, seed: int, offset: int = 0, sparsity: int = 1, *,
+                rows: Optional[torch.Tensor] = None, device=None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Buckets and signs of ``n`` rows: ``(buckets int64 [n, s], signs float32 [n, s])``.
+
+    Row ``i`` has global index ``offset + i`` (or ``offset + rows[i]``); its ``s``
+    buckets are one per block of ``m // s`` buckets.  Signs are +-1 (the ops
+    additionally scale values by ``1/sqrt(s)``).
+    """
+    n = _check_int(n, "n", 0, MAX_SEED)
+    m, seed, offset, sparsity = _check_sketch_args(m, seed, offset, sparsity)
+    device = torch.device(device) if device is not None else (
+        rows.device if isinstance(rows, torch.Tensor) else torch.device("cpu"))
+    _check_rows(rows, n, device)
+    global_rows = _global_rows(n, offset, rows, device)
+    if _NATIVE:
+        return torch.ops.nnsim_fast.sketch_hash(global_rows, m, seed, sparsity)
+    return reference_sketch_hash(global_rows, m, seed, sparsity)
+
+
+def sketch_matrix(n: int, m: int, seed: int, offset: int = 0, sparsity: int = 1, *,
+                  rows: Optional[torch.Tensor] = None, dtype=torch.float64, device=None
+                  ) -> torch.Tensor:
+    """The dense m x n sketch matrix S (for tests and small problems)."""
+    buckets, signs = sketch_hash(n, m, seed, offset, sparsity, rows=rows, device=device)
+    S = torch.zeros(m, n, dtype=dtype, device=buckets.device)
+    cols = torch.arange(n, device=buckets.device).unsqueeze(1).expand_as(buckets)
+    S.index_put_((buckets, cols), signs.to(dtype) / math.sqrt(sparsity), accumulate=True)
+    return S
+
+
+def countsketch(x: torch.Tensor, m: int, seed: int, offset: int = 0, sparsity: int = 1, *,
+                rows: Optional[torch.Tensor] = None, deterministic: Optional[bool] = None
+                ) -> torch.Tensor:
+    """CountSketch of the rows of ``x``: ``S x``, shape ``[m, d]``.
+
+    ``y[b] = sum over rows i hashed to b of sign(i) * x[i]`` (times ``1/sqrt(s)``
+    per block when ``sparsity = s > 1``).  float16/bfloat16/float32 inputs give
+    float32, float64 gives float64.  Differentiable in ``x``.
+    """
+    _check_matrix(x, "x")
+    m, seed, offset, sparsity = _check_sketch_args(m, seed, offset, sparsity)
+    _check_rows(rows, x.shape[0], x.device)
+    det = _deterministic(deterministic)
+    if _NATIVE:
+        return torch.ops.nnsim_fast.countsketch(x, rows, m, seed, offset, sparsity, det)
+    return reference_countsketch(x, m, seed, offset, sparsity, rows)
+
+
+def countsketch_pair(f: torch.Tensor, g: torch.Tensor, m: int, seed: int, offset: int = 0,
+                     sparsity: int = 1, *, rows: Optional[torch.Tensor] = None,
+                     deterministic: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(S f, S g)`` with one hash evaluation per row and one pass over the data."""
+    _check_pair(f, g)
+    m, seed, offset, sparsity = _check_sketch_args(m, seed, offset, sparsity)
+    _check_rows(rows, f.shape[0], f.device)
+    det = _deterministic(deterministic)
+    if _NATIVE:
+        return torch.ops.nnsim_fast.countsketch_pair(f, g, rows, m, seed, offset, sparsity, det)
+    return (reference_countsketch(f, m, seed, offset, sparsity, rows),
+            reference_countsketch(g, m, seed, offset, sparsity, rows))
+
+
+def countsketch_pair_(acc_f: torch.Tensor, acc_g: torch.Tensor, f: torch.Tensor,
+                      g: torch.Tensor, seed: int, offset: int = 0, sparsity: int = 1, *,
+                      rows: Optional[torch.Tensor] = None, deterministic: Optional[bool] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Streaming update ``acc_f += S f``, ``acc_g += S g`` in place; returns the accumulators.
+
+    ``acc_f`` [m, df] and ``acc_g`` [m, dg] are contiguous float32 or float64
+    (the caller chooses the accumulation precision).  Not differentiable.
+    """
+    _check_pair(f, g)
+    for acc, x, name in ((acc_f, f, "acc_f"), (acc_g, g, "acc_g")):
+        if not isinstance(acc, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(acc).__name__}")
+        if acc.dim() != 2 or acc.shape[1] != x.shape[1]:
+            raise ValueError(f"{name} must have shape [m, {x.shape[1]}], got {tuple(acc.shape)}")
+        if acc.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} must be float32 or float64, got {acc.dtype}")
+        if not acc.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        if acc.device != x.device:
+            raise ValueError(f"{name} is on {acc.device} but the data is on {x.device}")
+    if acc_f.shape[0] != acc_g.shape[0]:
+        raise ValueError(f"acc_f and acc_g must have the same m, got {tuple(acc_f.shape)} and "
+                         f"{tuple(acc_g.shape)}")
+    if acc_f.dtype != acc_g.dtype:
+        raise TypeError(f"acc_f and acc_g must have the same dtype, got {acc_f.dtype} and "
+                        f"{acc_g.dtype}")
+    _, seed, offset, sparsity = _check_sketch_args(acc_f.shape[0], seed, offset, sparsity)
+    _check_rows(rows, f.shape[0], f.device)
+    det = _deterministic(deterministic)
+    if _NATIVE:
+        torch.ops.nnsim_fast.countsketch_pair_(acc_f, acc_g, f, g, rows, seed, offset,
+                                               sparsity, det)
+    else:
+        with torch.no_grad():
+            reference_countsketch_pair_(acc_f, acc_g, f, g, seed, offset, sparsity, rows)
+    return acc_f, acc_g
+
+
+def hadamard_gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a a^T) o (b b^T)``: a [B, m, da], b [B, m, db] -> [B, m, m] (2-D inputs give [m, m]).
+
+    float16/bfloat16 inputs give float32; float32/float64 keep their dtype.
+    """
+    for t, name in ((a, "a"), (b, "b")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SKETCH_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if a.dim() != b.dim() or a.dim() not in (2, 3):
+        raise ValueError(f"a and b must both be 2-D [m, d] or 3-D [B, m, d], got shapes "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[:-1] != b.shape[:-1]:
+        raise ValueError(f"a and b must agree in all but the last dimension, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must have the same dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"a is on {a.device} but b is on {b.device}")
+    squeeze = a.dim() == 2
+    if squeeze:
+        a, b = a.unsqueeze(0), b.unsqueeze(0)
+    out = (torch.ops.nnsim_fast.hadamard_gram(a, b) if _NATIVE
+           else reference_hadamard_gram(a, b))
+    return out[0] if squeeze else out
+
+
+# --------------------------------------------------------------------------- registration
+
+def _register() -> None:
+    lib = "nnsim_fast"
+
+    @torch.library.register_fake(f"{lib}::sketch_hash")
+    def _(rows, m, seed, sparsity):
+        n = rows.shape[0]
+        return (rows.new_empty((n, sparsity), dtype=torch.int64),
+                rows.new_empty((n, sparsity), dtype=torch.float32))
+
+    @torch.library.register_fake(f"{lib}::countsketch")
+    def _(x, rows, m, seed, offset, sparsity, deterministic):
+        return x.new_empty((m, x.shape[1]), dtype=_accumulate_dtype(x.dtype))
+
+    @torch.library.register_fake(f"{lib}::countsketch_pair")
+    def _(f, g, rows, m, seed, offset, sparsity, deterministic):
+        dtype = _accumulate_dtype(f.dtype)
+        return (f.new_empty((m, f.shape[1]), dtype=dtype),
+                g.new_empty((m, g.shape[1]), dtype=dtype))
+
+    @torch.library.register_fake(f"{lib}::countsketch_pair_")
+    def _(acc_f, acc_g, f, g, rows, seed, offset, sparsity, deterministic):
+        return None
+
+    @torch.library.register_fake(f"{lib}::countsketch_backward")
+    def _(grad_y, rows, n, seed, offset, sparsity):
+        return grad_y.new_empty((n, grad_y.shape[1]))
+
+    @torch.library.register_fake(f"{lib}::hadamard_gram")
+    def _(a, b):
+        return a.new_empty((a.shape[0], a.shape[1], a.shape[1]),
+                           dtype=_accumulate_dtype(a.dtype))
+
+    # Autograd: S is linear, so d(Sx)/dx is the gather x_grad[i] = S^T grad_y.
+    def _gather(grad, ctx_x_shape, ctx, dtype):
+        if grad is None:
+            return None
+        grad_x = torch.ops.nnsim_fast.countsketch_backward(
+            grad.contiguous(), ctx.rows, ctx_x_shape[0], ctx.seed, ctx.offset, ctx.sparsity)
+        return grad_x.to(dtype)
+
+    def _setup_single(ctx, inputs, output):
+        x, rows, m, seed, offset, sparsity, _ = inputs
+        ctx.rows, ctx.seed, ctx.offset, ctx.sparsity = rows, seed, offset, sparsity
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+
+    def _backward_single(ctx, grad):
+        return (_gather(grad, ctx.x_shape, ctx, ctx.x_dtype),) + (None,) * 6
+
+    torch.library.register_autograd(f"{lib}::countsketch", _backward_single,
+                                    setup_context=_setup_single)
+
+    def _setup_pair(ctx, inputs, output):
+        f, g, rows, m, seed, offset, sparsity, _ = inputs
+        ctx.rows, ctx.seed, ctx.offset, ctx.sparsity = rows, seed, offset, sparsity
+        ctx.f_shape, ctx.g_shape, ctx.dtype = f.shape, g.shape, f.dtype
+
+    def _backward_pair(ctx, grad_f, grad_g):
+        return ((_gather(grad_f, ctx.f_shape, ctx, ctx.dtype),
+                 _gather(grad_g, ctx.g_shape, ctx, ctx.dtype)) + (None,) * 6)
+
+    torch.library.register_autograd(f"{lib}::countsketch_pair", _backward_pair,
+                                    setup_context=_setup_pair)
+
+
+if _NATIVE:
+    _register()
