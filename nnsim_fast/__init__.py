@@ -1,8 +1,21 @@
 """nnsim_fast: similarity of neural networks with gradients, fast.
 
-See README.md for the method and the API.
+One forward and one backward pass per batch give each probed layer's features
+and expected loss gradients; a CountSketch of the sample axis (native, fused
+kernels) turns any dataset into per-layer ``m x m`` kernels; CKA and NBS
+compare them.  See README.md.
 """
-from . import ops
-from .ops import countsketch, countsketch_pair, countsketch_pair_, hadamard_gram, sketch_hash
-
 __version__ = "0.1.0"
+
+from . import ops
+from .compare import mean_embedding_norm, similarity, similarity_matrix
+from .extract import sketch_model
+from .indices import cka, linear_cka, nbs
+from .ops import countsketch, countsketch_pair, countsketch_pair_, hadamard_gram, sketch_hash
+from .sketch import Representation
+
+__all__ = [
+    "Representation", "cka", "countsketch", "countsketch_pair", "countsketch_pair_",
+    "hadamard_gram", "linear_cka", "mean_embedding_norm", "nbs", "ops", "similarity",
+    "similarity_matrix", "sketch_hash", "sketch_model",
+]

@@ -309,9 +309,10 @@ def cka_matrix(Ks_a: KernelStack, Ks_b: KernelStack, centered: bool = True,
 # --------------------------------------------------------------------------- NBS
 
 def _bures_factors(K: Tensor, name: str, centered: bool) -> Tensor:
-    """Square-root factors F [..., n, n] of a stack of PSD kernels, scaled so Tr(F F^T) = 1.
+    """Square-root factors F [..., n, r] of a stack of PSD kernels, scaled so Tr(F F^T) = 1.
 
-    ``F = V diag(sqrt(lambda / sum(lambda)))`` from ``eigh``, so ``F F^T = K / Tr K``.
+    ``F = V diag(sqrt(lambda / sum(lambda)))`` from ``eigh``, so ``F F^T = K / Tr K``;
+    ``r`` is the largest numerical rank in the stack.
     Any factor of ``K1 = F1 F1^T`` and ``K2 = F2 F2^T`` gives
     ``Tr((K1^1/2 K2 K1^1/2)^1/2) = ||F2^T F1||_*`` (nuclear norm).  Eigenvalues
     below float64 rounding (``n * eps * lambda_max``, including tiny negative ones)
@@ -342,7 +343,12 @@ def _bures_factors(K: Tensor, name: str, centered: bool) -> Tensor:
     degenerate = trace.squeeze(-1) <= n * _EPS64 * reference
     scale = torch.sqrt(eigenvalues / torch.where(trace > 0, trace, torch.ones_like(trace)))
     factors = eigenvectors * scale.unsqueeze(-2)
-    return factors.masked_fill(degenerate[..., None, None], 0.0)
+    factors = factors.masked_fill(degenerate[..., None, None], 0.0)
+    # eigh sorts eigenvalues in ascending order, so the zeroed ones lead; dropping the
+    # columns that are zero in every kernel of the stack shrinks the later products
+    # and SVDs to the (largest) rank instead of n.
+    rank = max(int((eigenvalues > 0).sum(dim=-1).max()), 1)
+    return factors[..., n - rank:]
 
 
 def _nuclear_norm_of_products(factors_b: Tensor, factor_a: Tensor) -> Tensor:
@@ -366,9 +372,10 @@ def nbs(K1: Tensor, K2: Tensor, centered: bool = True) -> float:
     the kernels as given.
 
     Numerics: float64; square roots from symmetric eigendecompositions
-    (``torch.linalg.eigh``) with tiny negative eigenvalues clamped to 0; the trace
-    of the matrix square root is taken as a sum of singular values.  Never NaN for
-    valid input.
+    (``torch.linalg.eigh``); tiny negative eigenvalues, and positive ones below
+    float64 resolution (``n * eps * lambda_max``), are set to 0; the trace of the
+    matrix square root is taken as a sum of singular values.  Never NaN for valid
+    input.
 
     Range: similarity in [0, 1]; 1 iff the (centred) kernels are equal up to a
     positive scale.  A kernel that is zero after centring gives 0.0 (undefined
@@ -400,8 +407,8 @@ def nbs_matrix(Ks_a: KernelStack, Ks_b: KernelStack, centered: bool = True) -> T
 
     Each kernel is eigendecomposed once (square-root factor ``K^1/2``); entry
     ``[i, j]`` equals ``nbs(Ks_a[i], Ks_b[j], centered)``.  Cost: ``La + Lb``
-    eigendecompositions and ``La * Lb`` singular-value computations of ``n x n``
-    matrices.
+    eigendecompositions and ``La * Lb`` singular-value computations of ``r x r``
+    matrices, ``r <= n`` the largest numerical rank of the kernels.
 
     Range: similarities in [0, 1]; degenerate kernels give 0.0, not NaN.
 

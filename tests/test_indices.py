@@ -195,6 +195,11 @@ def test_cka_degenerate_kernels_give_zero_not_nan():
         assert cka(t(K), t(degenerate)) == 0.0
         assert cka(t(degenerate), t(degenerate)) == 0.0
     assert cka(t(zero), t(K), centered=False) == 0.0
+    # A constant kernel plus a perturbation below float64 resolution: still degenerate.
+    nearly_constant = np.ones((12, 12)) + 3e-16 * K / np.abs(K).max()
+    assert np.unique(nearly_constant).size > 1
+    assert cka(t(nearly_constant), t(K)) == 0.0
+    assert nbs(t(nearly_constant), t(K)) == 0.0
     # A constant kernel is not degenerate without centring.
     assert cka(t(constant), t(constant), centered=False) == pytest.approx(1.0)
 
@@ -349,8 +354,11 @@ def test_linear_cka_degenerate_features_give_zero_not_nan():
         assert linear_cka(t(X), t(Y)) == 0.0
         assert linear_cka(t(X), t(Y), debiased=True) == 0.0
         assert linear_cka(t(Y), t(X)) == 0.0
-    # One orthonormal feature vector per sample: the U-centred kernel (identity) vanishes.
+    # One orthonormal feature vector per sample: the U-centred kernel (identity) vanishes,
+    # up to rounding noise that must not be read as a similarity.
     assert linear_cka(t(np.eye(7)), t(Y), debiased=True) == 0.0
+    assert linear_cka(t(np.eye(16)), t(rng.normal(size=(16, 3))), debiased=True) == 0.0
+    assert cka(t(np.eye(16)), t(random_psd(rng, 16)), debiased=True) == 0.0
     assert linear_cka(t(np.ones((1, 3))), t(np.ones((1, 2)))) == 0.0
 
 
@@ -420,9 +428,11 @@ SQUARE = torch.eye(5, dtype=torch.float64)
     (lambda: linear_cka(torch.zeros(5, 3), torch.zeros(5, 2, 2)), ValueError, r"Y .*\(5, 2, 2\)"),
     (lambda: linear_cka(torch.zeros(5, 3), torch.zeros(5, 3, dtype=torch.int64)), TypeError, r"Y .*int64"),
     (lambda: linear_cka(torch.randn(3, 2), torch.randn(3, 2), debiased=True), ValueError, r"n > 3.*X .*\(3, 2\)"),
-    (lambda: cka_matrix(torch.zeros(2, 5, 5), torch.zeros(3, 6, 6)), ValueError, r"Ks_a and Ks_b .*\(2, 5, 5\).*\(3, 6, 6\)"),
+    (lambda: cka_matrix(torch.zeros(2, 5, 5), torch.zeros(3, 6, 6)),
+     ValueError, r"Ks_a and Ks_b .*\(2, 5, 5\).*\(3, 6, 6\)"),
     (lambda: cka_matrix(torch.zeros(5, 5), torch.zeros(3, 5, 5)), ValueError, r"Ks_a .*3-D.*\(5, 5\)"),
-    (lambda: cka_matrix([torch.zeros(5, 5), torch.zeros(4, 4)], torch.zeros(1, 5, 5)), ValueError, r"Ks_a\[1\] .*\(4, 4\)"),
+    (lambda: cka_matrix([torch.zeros(5, 5), torch.zeros(4, 4)], torch.zeros(1, 5, 5)),
+     ValueError, r"Ks_a\[1\] .*\(4, 4\)"),
     (lambda: cka_matrix([], torch.zeros(1, 5, 5)), TypeError, r"Ks_a"),
     (lambda: nbs_matrix(torch.zeros(2, 5, 4), torch.zeros(3, 5, 5)), ValueError, r"Ks_a .*\(2, 5, 4\)"),
     (lambda: nbs_matrix(torch.zeros(2, 5, 5), torch.zeros(3, 5, 5, dtype=torch.int64)), TypeError, r"Ks_b .*int64"),

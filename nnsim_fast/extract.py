@@ -1,0 +1,333 @@
+"""Features and expected gradients at named layers, streamed into a sketch.
+
+For each batch: ONE forward pass with hooks at the chosen layers and ONE
+backward pass (``torch.autograd.grad``, so no parameter ``.grad`` is touched).
+For categorical outputs the expected gradient of the cross-entropy under the
+tempered predictive ``q(y|x) ∝ p(y|x)^beta`` is obtained by back-propagating
+``p - q`` from the logits (``E_q[p - e_y] = p - q``); the model is in eval mode
+so every sample's gradient is its own.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import sys
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .sketch import Representation
+
+TARGETS = ("expected", "labels")
+SPATIAL = ("flatten", "mean")
+
+
+def default_layers(model: nn.Module) -> List[str]:
+    """The default probed layers: the model's direct children (its top-level blocks)."""
+    names = [name for name, _ in model.named_children()]
+    if not names:
+        raise ValueError("the model has no child modules; pass layers=[...] explicitly")
+    return names
+
+
+def resolve_layers(model: nn.Module, layers: Optional[Sequence[str]]) -> List[str]:
+    """Check layer names against ``model.named_modules()``; typos get close suggestions."""
+    if layers is None:
+        return default_layers(model)
+    if isinstance(layers, str):
+        layers = [layers]
+    available = dict(model.named_modules())
+    names = list(layers)
+    if not names:
+        raise ValueError("layers is empty; pass module names from model.named_modules()")
+    if len(set(names)) != len(names):
+        raise ValueError(f"layers has duplicates: {names}")
+    for name in names:
+        if name not in available or name == "":
+            close = difflib.get_close_matches(name, [n for n in available if n], n=5)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ValueError(f"layer {name!r} is not a module of the model{hint} "
+                             f"(see model.named_modules())")
+    return names
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode; restore each one's own flag afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+class LayerProbe:
+    """Forward hooks that capture a layer's output and a handle on its gradient.
+
+    The hook returns ``output + delta`` with ``delta`` a zero leaf tensor that
+    requires grad: the gradient with respect to ``delta`` is the gradient with
+    respect to the layer output, even when later modules modify their input in
+    place (``ReLU(inplace=True)``) or the parameters are frozen.  Hooks are
+    removed on exit, also when the model raises.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
+        self.model = model
+        self.layers = list(layers)
+        self.features: Dict[str, torch.Tensor] = {}
+        self.deltas: Dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "LayerProbe":
+        modules = dict(self.model.named_modules())
+        try:
+            for name in self.layers:
+                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.reset()
+
+    def reset(self) -> None:
+        self.features.clear()
+        self.deltas.clear()
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            if name in self.features:
+                raise RuntimeError(
+                    f"layer {name!r} was called twice in one forward pass; its features are "
+                    "ambiguous. Probe a module that runs once per forward (e.g. a parent "
+                    "block), or wrap each use in its own module.")
+            tensor, rebuild = _primary_tensor(output, name)
+            delta = torch.zeros_like(tensor, requires_grad=True)
+            self.features[name] = tensor.detach()
+            self.deltas[name] = delta
+            return rebuild(tensor + delta)
+        return hook
+
+
+def _primary_tensor(output, name: str) -> Tuple[torch.Tensor, Callable]:
+    if isinstance(output, torch.Tensor):
+        return output, lambda t: t
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        kind = type(output)
+        return output[0], lambda t: kind([t, *output[1:]]) if kind is list else (t, *output[1:])
+    raise TypeError(f"layer {name!r} returns {type(output).__name__}; only modules returning a "
+                    "tensor (or a tuple/list whose first element is a tensor) can be probed")
+
+
+def default_output_fn(output) -> torch.Tensor:
+    """Logits from a model output: a tensor, the first element of a tuple/list, or dict['logits']."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}; "
+                    "pass output_fn=lambda out: ... returning the [batch, classes] logits")
+
+
+def unpack_batch(batch) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(x, y, index)`` from a batch: ``x``, ``(x, y)``, ``(x,)``, or a dict with ``x``/``input``,
+    optional ``y``/``label``/``target`` and optional ``index`` (dataset row indices)."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None, None
+    if isinstance(batch, Mapping):
+        x = next((batch[k] for k in ("x", "input", "inputs") if k in batch), None)
+        if x is None:
+            raise ValueError(f"a dict batch needs an 'x' (or 'input') entry, got keys {sorted(batch)}")
+        y = next((batch[k] for k in ("y", "label", "labels", "target") if k in batch), None)
+        return x, y, batch.get("index")
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 1:
+            return batch[0], None, None
+        if len(batch) == 2:
+            return batch[0], batch[1], None
+        if len(batch) == 3:
+            # IndexedDataset items: (index, x, y)
+            return batch[1], batch[2], batch[0]
+    raise TypeError(f"cannot read a batch of type {type(batch).__name__}; use tensors x, (x, y), "
+                    "(index, x, y) or a dict with 'x', 'y' and 'index'")
+
+
+def expected_gradient_objective(logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """A scalar whose gradient at the logits is ``p - q`` (q ∝ p^beta), per sample."""
+    if logits.dim() != 2:
+        raise ValueError(f"expected gradients need [batch, classes] logits, got shape "
+                         f"{tuple(logits.shape)}; pass output_fn= to select them, or "
+                         "target='labels' / loss_fn= for other outputs")
+    with torch.no_grad():
+        logits64 = logits.detach().to(torch.float64)
+        p = torch.softmax(logits64, dim=1)
+        q = torch.softmax(beta * torch.log_softmax(logits64, dim=1), dim=1)
+        direction = (p - q).to(logits.dtype)
+    return (logits * direction).sum()
+
+
+def _flatten(t: torch.Tensor, spatial: str, is_gradient: bool) -> torch.Tensor:
+    if t.dim() == 1:
+        return t.unsqueeze(1)
+    if t.dim() == 2 or spatial == "flatten":
+        return t.reshape(t.shape[0], -1)
+    # Pool spatial positions (dims 2..): features by their mean, gradients by
+    # their sum -- the gradient with respect to a per-channel shift of the map.
+    dims = tuple(range(2, t.dim()))
+    return t.sum(dim=dims) if is_gradient else t.mean(dim=dims)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _progress_bar(data, progress: Optional[bool]):
+    if progress is None:
+        progress = sys.stderr.isatty()
+    total = None
+    dataset = getattr(data, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        total = len(dataset)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, unit=" samples", unit_scale=True, disable=not progress,
+                desc="sketching", dynamic_ncols=True)
+
+
+def sketch_model(model: nn.Module, data: Iterable, layers: Optional[Sequence[str]] = None,
+                 m: int = 512, seed: int = 0, beta: float = 0.5, sparsity: int = 1, *,
+                 target: str = "expected", loss_fn: Optional[Callable] = None,
+                 output_fn: Optional[Callable] = None, spatial: str = "flatten",
+                 dtype: torch.dtype = torch.float32, device=None, product: bool = False,
+                 mean_embedding: bool = False, max_batches: Optional[int] = None,
+                 progress: Optional[bool] = None,
+                 into: Optional[Representation] = None) -> Representation:
+    """Sketch a model's features and expected gradients at ``layers`` over ``data``.
+
+    Args:
+        model: any ``nn.Module``; put in eval mode for the pass and restored after.
+        data: a DataLoader or any iterable of batches: ``x``, ``(x, y)``,
+            ``(index, x, y)`` or a dict with ``x`` / ``y`` / ``index``.  With
+            indices, a sample's bucket and sign depend on its dataset index, so
+            shuffling, batch size and sharding do not change the sketch.
+        layers: names from ``model.named_modules()``; default: the model's direct
+            children (its top-level blocks).
+        m: number of sketch buckets (rows of every sketched matrix).
+        seed: sketch seed; compare models sketched with the same seed.
+        beta: temperature of the predictive ``q ∝ p^beta``, in (0, 1]; at 1 the
+            expected gradient is exactly zero.
+        sparsity: hash blocks per row (1 = CountSketch).
+        target: ``"expected"`` (the paper) or ``"labels"`` (cross-entropy with the
+            batch's true labels).
+        loss_fn: instead of the above, ``loss_fn(logits, y)`` returning per-sample
+            losses or their sum; gradients are of its sum.
+        output_fn: maps the model's output to the logits (default: a tensor, the
+            first element of a tuple, or ``output['logits']``).
+        spatial: ``"flatten"`` keeps every position of a feature map (the paper);
+            ``"mean"`` averages features over positions and sums gradients.
+        dtype: accumulator precision, float32 (default) or float64.
+        device: where the sketch lives (default: the model's device).
+        product: also sketch ``f o g`` (for ``kind="khatri_rao"``).
+        mean_embedding: also accumulate the exact ``sum_i g_i f_i^T`` (needs
+            ``d_f * d_g`` floats per layer) for :func:`mean_embedding_norm`.
+        max_batches: stop after this many batches.
+        progress: show a progress bar (default: when stderr is a terminal).
+        into: add to an existing representation instead of a new one.
+
+    Returns:
+        A :class:`Representation`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta <= 1.0:
+        raise ValueError(f"beta must be in (0, 1], got {beta!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if spatial not in SPATIAL:
+        raise ValueError(f"spatial must be one of {SPATIAL}, got {spatial!r}")
+    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"max_batches must be a positive int, got {max_batches!r}")
+    names = resolve_layers(model, layers)
+    model_device = _model_device(model)
+    rep_device = torch.device(device) if device is not None else model_device
+    if into is not None:
+        rep = into
+        if (rep.m, rep.seed, rep.sparsity) != (m, seed, sparsity) or rep.meta.get("beta") != beta:
+            raise ValueError(f"into has m={rep.m}, seed={rep.seed}, sparsity={rep.sparsity}, "
+                             f"beta={rep.meta.get('beta')}; this call asks for m={m}, seed={seed}, "
+                             f"sparsity={sparsity}, beta={beta}")
+    else:
+        rep = Representation(m, seed, sparsity, beta=beta, dtype=dtype, device=rep_device,
+                             meta={"target": target if loss_fn is None else "loss_fn",
+                                   "spatial": spatial, "layers": names})
+    output_fn = output_fn or default_output_fn
+    bar = _progress_bar(data, progress)
+    try:
+        with eval_mode(model), LayerProbe(model, names) as probe, torch.enable_grad():
+            for batch_index, batch in enumerate(data):
+                if max_batches is not None and batch_index >= max_batches:
+                    break
+                x, y, index = unpack_batch(batch)
+                if not isinstance(x, torch.Tensor):
+                    raise TypeError(f"batch {batch_index}: inputs must be a tensor, got "
+                                    f"{type(x).__name__}")
+                x = x.to(model_device)
+                probe.reset()
+                logits = output_fn(model(x))
+                missing = [name for name in names if name not in probe.features]
+                if missing:
+                    raise RuntimeError(f"layers {missing} did not run in the forward pass of "
+                                       f"batch {batch_index}")
+                if loss_fn is not None or target == "labels":
+                    if y is None:
+                        raise ValueError(f"batch {batch_index} has no labels, but "
+                                         f"{'loss_fn' if loss_fn else 'target=labels'} needs them")
+                    y = y.to(logits.device)
+                    loss = (loss_fn(logits, y) if loss_fn is not None else
+                            torch.nn.functional.cross_entropy(logits, y, reduction="none"))
+                    objective = loss.sum()
+                else:
+                    objective = expected_gradient_objective(logits, beta)
+                deltas = [probe.deltas[name] for name in names]
+                grads = torch.autograd.grad(objective, deltas, allow_unused=True)
+                features, gradients, shapes = {}, {}, {}
+                for name, grad in zip(names, grads):
+                    feature = probe.features[name]
+                    if grad is None:  # the layer does not influence the output
+                        grad = torch.zeros_like(feature)
+                    f = _flatten(feature, spatial, is_gradient=False)
+                    g = _flatten(grad, spatial, is_gradient=True)
+                    for what, t in (("features", f), ("gradients", g)):
+                        if not bool(torch.isfinite(t).all()):
+                            raise FloatingPointError(f"non-finite {what} at layer {name!r} in "
+                                                     f"batch {batch_index}")
+                    features[name], gradients[name] = f, g
+                    shapes[name] = tuple(feature.shape[1:])
+                rows = None if index is None else torch.as_tensor(index).to(rep.device, torch.int64)
+                rep.update(features, gradients, rows=rows, product=product,
+                           mean_embedding=mean_embedding, feature_shapes=shapes)
+                probe.reset()
+                if bar is not None:
+                    bar.update(int(x.shape[0]))
+    finally:
+        if bar is not None:
+            bar.close()
+    if rep.n == 0:
+        raise ValueError("data yielded no samples")
+    return rep

@@ -1,0 +1,423 @@
+"""Streaming, mergeable sketch state: the ``Representation`` of a model on a dataset.
+
+A ``Representation`` holds, for each probed layer, the CountSketch of its
+feature matrix ``F~ = S F`` and of its expected-gradient matrix ``G~ = S G``
+(S is the ``m x N`` sketch of the sample axis, see :mod:`nnsim_fast.ops`),
+plus exact streaming statistics that do not need the sketch: the row count,
+the column sums of f and g (for data-space centering), ``Tr K`` of the
+paper's kernel, and optionally the sketch of ``f o g`` and the exact mean
+embedding ``sum_i g_i f_i^T``.  Memory is ``O(layers * m * d)`` whatever N is.
+
+It follows the update / compute / merge shape of a streaming metric:
+``update`` adds a batch, ``merge`` sums two states over disjoint rows,
+``kernel`` computes an ``m x m`` kernel, ``save``/``load`` persist it safely.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import ops
+
+FORMAT_VERSION = 1
+_META_KEY = "nnsim_fast"
+
+
+def _library_version() -> str:
+    from . import __version__
+    return __version__
+
+
+@dataclass
+class LayerSketch:
+    """Sketched and exact statistics of one layer (see module docstring)."""
+
+    sketch_f: torch.Tensor                 # [m, df]  S F
+    sketch_g: torch.Tensor                 # [m, dg]  S G
+    sum_f: torch.Tensor                    # [df] float64, sum_i f_i
+    sum_g: torch.Tensor                    # [dg] float64, sum_i g_i
+    trace: torch.Tensor                    # [] float64, sum_i |f_i|^2 |g_i|^2 = Tr K
+    sketch_fg: Optional[torch.Tensor] = None    # [m, d] S (F o G), for kind="khatri_rao"
+    sum_fg: Optional[torch.Tensor] = None       # [d] float64, sum_i f_i o g_i
+    mean_psi: Optional[torch.Tensor] = None     # [dg, df] float64, sum_i g_i f_i^T
+    feature_shape: Tuple[int, ...] = ()
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        out = {"sketch_f": self.sketch_f, "sketch_g": self.sketch_g, "sum_f": self.sum_f,
+               "sum_g": self.sum_g, "trace": self.trace}
+        if self.sketch_fg is not None:
+            out["sketch_fg"] = self.sketch_fg
+            out["sum_fg"] = self.sum_fg
+        if self.mean_psi is not None:
+            out["mean_psi"] = self.mean_psi
+        return out
+
+
+def _intervals_union(a: List[List[int]], b: List[List[int]]) -> List[List[int]]:
+    merged: List[List[int]] = []
+    for start, stop in sorted(a + b):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    return merged
+
+
+def _intervals_overlap(a: List[List[int]], b: List[List[int]]) -> bool:
+    return any(s1 < e2 and s2 < e1 for s1, e1 in a for s2, e2 in b)
+
+
+def rows_to_intervals(rows: torch.Tensor) -> List[List[int]]:
+    """Sorted, merged ``[start, stop)`` intervals covering the given row indices."""
+    if rows.numel() == 0:
+        return []
+    r = torch.unique(rows.detach().to("cpu", torch.int64))
+    breaks = torch.nonzero(r[1:] != r[:-1] + 1).flatten() + 1
+    starts = torch.cat([r[:1], r[breaks]]).tolist()
+    stops = torch.cat([r[breaks - 1], r[-1:]]).add(1).tolist()
+    return [[int(s), int(e)] for s, e in zip(starts, stops)]
+
+
+class Representation:
+    """Sketched per-layer representation of one model on one dataset.
+
+    Build it with :func:`nnsim_fast.sketch_model` (or ``Representation.empty``
+    followed by ``update``).  Two representations are comparable when they
+    share ``m``, ``seed`` and ``sparsity``; the datasets may differ in size.
+    """
+
+    def __init__(self, m: int, seed: int, sparsity: int = 1, *, beta: Optional[float] = None,
+                 dtype: torch.dtype = torch.float32, device=None,
+                 meta: Optional[Dict] = None) -> None:
+        m, seed, _, sparsity = ops._check_sketch_args(m, seed, 0, sparsity)
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.m, self.seed, self.sparsity = m, seed, sparsity
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.layers: Dict[str, LayerSketch] = {}
+        self.n = 0
+        self.row_intervals: List[List[int]] = []
+        self.row_keys: Optional[str] = None      # "stream" or "index", fixed by the first update
+        self.sketch_ones = torch.zeros(m, 1, dtype=torch.float64, device=self.device)
+        self.meta: Dict = {"beta": beta}
+        if meta:
+            self.meta.update(meta)
+
+    # ------------------------------------------------------------------ building
+    @property
+    def layer_names(self) -> List[str]:
+        return list(self.layers)
+
+    def _new_layer(self, name: str, f: torch.Tensor, g: torch.Tensor, product: bool,
+                   mean_embedding: bool, feature_shape: Tuple[int, ...]) -> LayerSketch:
+        df, dg = f.shape[1], g.shape[1]
+        zeros = lambda *shape, dtype=self.dtype: torch.zeros(*shape, dtype=dtype,  # noqa: E731
+                                                              device=self.device)
+        layer = LayerSketch(
+            sketch_f=zeros(self.m, df), sketch_g=zeros(self.m, dg),
+            sum_f=zeros(df, dtype=torch.float64), sum_g=zeros(dg, dtype=torch.float64),
+            trace=zeros((), dtype=torch.float64), feature_shape=tuple(feature_shape))
+        if product:
+            if df != dg:
+                raise ValueError(f"layer {name!r}: the product sketch needs features and "
+                                 f"gradients of one width, got {df} and {dg}")
+            layer.sketch_fg = zeros(self.m, df)
+            layer.sum_fg = zeros(df, dtype=torch.float64)
+        if mean_embedding:
+            layer.mean_psi = zeros(dg, df, dtype=torch.float64)
+        return layer
+
+    def update(self, features: Mapping[str, torch.Tensor], gradients: Mapping[str, torch.Tensor],
+               *, rows: Optional[torch.Tensor] = None, product: bool = False,
+               mean_embedding: bool = False,
+               feature_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None) -> None:
+        """Add one batch: ``features[name]`` and ``gradients[name]`` are ``[B, d]`` matrices.
+
+        Rows are numbered in stream order (``rows=None``: this batch follows the
+        rows already seen) or by dataset index (``rows``: int64 ``[B]``).  One
+        representation uses one numbering throughout.
+        """
+        if set(features) != set(gradients):
+            raise ValueError(f"features and gradients must name the same layers, got "
+                             f"{sorted(features)} and {sorted(gradients)}")
+        if not features:
+            raise ValueError("update needs at least one layer")
+        batch = next(iter(features.values())).shape[0]
+        keys = "stream" if rows is None else "index"
+        if self.row_keys is not None and keys != self.row_keys:
+            raise ValueError(f"this representation numbers rows by {self.row_keys}; a batch "
+                             f"{'without' if rows is None else 'with'} dataset indices cannot "
+                             "be mixed in")
+        if rows is not None:
+            if rows.dim() != 1 or rows.shape[0] != batch:
+                raise ValueError(f"rows must be a 1-D tensor of length {batch}, got shape "
+                                 f"{tuple(rows.shape)}")
+            rows = rows.to(self.device, torch.int64)
+            new_intervals = rows_to_intervals(rows)
+            if sum(e - s for s, e in new_intervals) != batch:
+                raise ValueError("rows contains duplicate indices within one batch")
+            if _intervals_overlap(self.row_intervals, new_intervals):
+                raise ValueError("rows repeats dataset indices already sketched in this "
+                                 "representation; each sample may be added once")
+            offset = 0
+        else:
+            new_intervals = [[self.n, self.n + batch]] if batch else []
+            offset = self.n
+        if self.layers and set(features) != set(self.layers):
+            raise ValueError(f"batch layers {sorted(features)} differ from the representation's "
+                             f"{sorted(self.layers)}")
+        for name in features:
+            f, g = features[name], gradients[name]
+            if f.dim() != 2 or g.dim() != 2 or f.shape[0] != batch or g.shape[0] != batch:
+                raise ValueError(f"layer {name!r}: features and gradients must be [B, d] with "
+                                 f"B={batch}, got {tuple(f.shape)} and {tuple(g.shape)}")
+            f = f.to(self.device)
+            g = g.to(self.device)
+            if name not in self.layers:
+                shape = tuple(feature_shapes[name]) if feature_shapes and name in feature_shapes \
+                    else (f.shape[1],)
+                self.layers[name] = self._new_layer(name, f, g, product, mean_embedding, shape)
+            layer = self.layers[name]
+            if layer.sketch_f.shape[1] != f.shape[1] or layer.sketch_g.shape[1] != g.shape[1]:
+                raise ValueError(f"layer {name!r}: width changed from "
+                                 f"({layer.sketch_f.shape[1]}, {layer.sketch_g.shape[1]}) to "
+                                 f"({f.shape[1]}, {g.shape[1]})")
+            ops.countsketch_pair_(layer.sketch_f, layer.sketch_g, f, g, self.seed, offset,
+                                  self.sparsity, rows=rows)
+            f64, g64 = f.to(torch.float64), g.to(torch.float64)
+            layer.sum_f += f64.sum(0)
+            layer.sum_g += g64.sum(0)
+            layer.trace += (f64.square().sum(1) * g64.square().sum(1)).sum()
+            if layer.sketch_fg is not None:
+                fg64 = f64 * g64
+                layer.sum_fg += fg64.sum(0)
+                fg = fg64.to(self.dtype)
+                # The product sketch reuses the pair op with a zero-width partner.
+                ops.countsketch_pair_(layer.sketch_fg, layer.sketch_fg.new_zeros(self.m, 0),
+                                      fg, fg[:, :0], self.seed, offset, self.sparsity, rows=rows)
+            if layer.mean_psi is not None:
+                layer.mean_psi += g64.T @ f64
+        ones = torch.ones(batch, 1, dtype=torch.float64, device=self.device)
+        ops.countsketch_pair_(self.sketch_ones, self.sketch_ones.new_zeros(self.m, 0), ones,
+                              ones[:, :0], self.seed, offset, self.sparsity, rows=rows)
+        self.row_keys = keys
+        self.row_intervals = _intervals_union(self.row_intervals, new_intervals)
+        self.n += batch
+
+    # ------------------------------------------------------------------ combining
+    def _check_compatible(self, other: "Representation", what: str) -> None:
+        if not isinstance(other, Representation):
+            raise TypeError(f"{what} needs a Representation, got {type(other).__name__}")
+        for key in ("m", "seed", "sparsity"):
+            if getattr(self, key) != getattr(other, key):
+                raise ValueError(f"cannot {what} representations with different {key}: "
+                                 f"{getattr(self, key)} vs {getattr(other, key)}")
+
+    def merge(self, other: "Representation") -> "Representation":
+        """A new representation holding the rows of both (their row sets must be disjoint)."""
+        self._check_compatible(other, "merge")
+        if self.layers and other.layers and list(self.layers) != list(other.layers):
+            raise ValueError(f"cannot merge representations of different layers: "
+                             f"{list(self.layers)} vs {list(other.layers)}")
+        if self.row_keys and other.row_keys and self.row_keys != other.row_keys:
+            raise ValueError("cannot merge a stream-numbered with an index-numbered representation")
+        if _intervals_overlap(self.row_intervals, other.row_intervals):
+            raise ValueError("cannot merge representations whose rows overlap: each sample must "
+                             "be counted once (for stream-numbered batches, give the second "
+                             "run a distinct row offset or use dataset indices)")
+        if self.meta.get("beta") != other.meta.get("beta"):
+            raise ValueError(f"cannot merge representations with different beta: "
+                             f"{self.meta.get('beta')} vs {other.meta.get('beta')}")
+        out = self.copy()
+        other = other.to(out.device)
+        for name, theirs in other.layers.items():
+            if name not in out.layers:
+                out.layers[name] = LayerSketch(**{**theirs.__dict__, **{
+                    k: v.clone() for k, v in theirs.tensors().items()}})
+                continue
+            mine = out.layers[name]
+            for key, value in theirs.tensors().items():
+                current = getattr(mine, key)
+                if current is None or current.shape != value.shape:
+                    raise ValueError(f"layer {name!r}: {key} differs between the representations "
+                                     f"({None if current is None else tuple(current.shape)} vs "
+                                     f"{tuple(value.shape)})")
+                current += value.to(current.dtype)
+        out.sketch_ones += other.sketch_ones
+        out.n += other.n
+        out.row_keys = out.row_keys or other.row_keys
+        out.row_intervals = _intervals_union(out.row_intervals, other.row_intervals)
+        return out
+
+    def copy(self) -> "Representation":
+        out = Representation(self.m, self.seed, self.sparsity, dtype=self.dtype,
+                             device=self.device, meta=dict(self.meta))
+        out.layers = {name: LayerSketch(**{**layer.__dict__, **{
+            k: v.clone() for k, v in layer.tensors().items()}}) for name, layer in self.layers.items()}
+        out.n, out.row_keys = self.n, self.row_keys
+        out.row_intervals = [list(iv) for iv in self.row_intervals]
+        out.sketch_ones = self.sketch_ones.clone()
+        return out
+
+    def to(self, device) -> "Representation":
+        """A copy on ``device`` (self when it is already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        out = self.copy()
+        out.device = device
+        for layer in out.layers.values():
+            for key, value in layer.tensors().items():
+                setattr(layer, key, value.to(device))
+        out.sketch_ones = out.sketch_ones.to(device)
+        return out
+
+    def all_reduce(self, group=None) -> "Representation":
+        """Sum this representation over the ranks of a torch.distributed process group.
+
+        Every rank must have sketched the same layers with the same settings and
+        disjoint rows (for example shards of a ``DistributedSampler``); after the
+        call every rank holds the same representation.  Returns ``self``.
+        """
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("all_reduce needs an initialised torch.distributed process group")
+        world = dist.get_world_size(group)
+        # Agree on the structure first, so a mismatch is an error rather than a hang.
+        mine = {"m": self.m, "seed": self.seed, "sparsity": self.sparsity,
+                "layers": {k: [list(v.sketch_f.shape), list(v.sketch_g.shape),
+                               v.sketch_fg is not None, v.mean_psi is not None]
+                           for k, v in self.layers.items()},
+                "dtype": str(self.dtype), "beta": self.meta.get("beta"),
+                "row_keys": self.row_keys, "intervals": self.row_intervals, "n": self.n}
+        gathered: List[Optional[Dict]] = [None] * world
+        dist.all_gather_object(gathered, mine, group=group)
+        for key in ("m", "seed", "sparsity", "layers", "dtype", "beta"):
+            values = [g[key] for g in gathered]
+            if any(v != values[0] for v in values):
+                raise ValueError(f"ranks disagree on {key}: {values}")
+        intervals: List[List[int]] = []
+        for g in gathered:
+            if _intervals_overlap(intervals, g["intervals"]):
+                raise ValueError("ranks sketched overlapping rows; each sample must be counted "
+                                 "once (drop DistributedSampler padding or key rows by dataset "
+                                 "index and deduplicate)")
+            intervals = _intervals_union(intervals, g["intervals"])
+        tensors = [self.sketch_ones]
+        for layer in self.layers.values():
+            tensors.extend(layer.tensors().values())
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        self.n = sum(g["n"] for g in gathered)
+        self.row_intervals = intervals
+        self.row_keys = next((g["row_keys"] for g in gathered if g["row_keys"]), None)
+        return self
+
+    # ------------------------------------------------------------------ kernels
+    def kernel(self, layer: str, kind: str = "hadamard", centering: str = "none") -> torch.Tensor:
+        """The ``m x m`` sketched kernel of one layer, float64 (see :mod:`nnsim_fast.kernels`)."""
+        from .kernels import representation_kernels
+        return representation_kernels(self, [layer], kind=kind, centering=centering)[0]
+
+    def kernels(self, layers: Optional[Sequence[str]] = None, kind: str = "hadamard",
+                centering: str = "none") -> torch.Tensor:
+        """Kernels of many layers at once, ``[L, m, m]`` float64."""
+        from .kernels import representation_kernels
+        return representation_kernels(self, self._resolve(layers), kind=kind, centering=centering)
+
+    def _resolve(self, layers: Optional[Union[str, Sequence[str]]]) -> List[str]:
+        if layers is None:
+            return self.layer_names
+        if isinstance(layers, str):
+            layers = [layers]
+        missing = [name for name in layers if name not in self.layers]
+        if missing:
+            raise KeyError(f"layers {missing} are not in this representation; it has "
+                           f"{self.layer_names}")
+        return list(layers)
+
+    def layer(self, name: str) -> LayerSketch:
+        return self.layers[self._resolve([name])[0]]
+
+    # ------------------------------------------------------------------ persistence
+    def state(self) -> Tuple[Dict[str, torch.Tensor], Dict]:
+        tensors = {"sketch_ones": self.sketch_ones.contiguous()}
+        layer_meta = {}
+        for i, (name, layer) in enumerate(self.layers.items()):
+            for key, value in layer.tensors().items():
+                tensors[f"layer{i}.{key}"] = value.contiguous()
+            layer_meta[name] = {"index": i, "feature_shape": list(layer.feature_shape)}
+        meta = {"format": FORMAT_VERSION, "library_version": _library_version(),
+                "m": self.m, "seed": self.seed, "sparsity": self.sparsity, "n": self.n,
+                "dtype": str(self.dtype).replace("torch.", ""), "row_keys": self.row_keys,
+                "row_intervals": self.row_intervals, "layers": layer_meta, "meta": self.meta}
+        return tensors, meta
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write to ``path`` (safetensors; atomic: written beside it, then renamed)."""
+        from safetensors.torch import save_file
+        tensors, meta = self.state()
+        tensors = {k: v.detach().to("cpu") for k, v in tensors.items()}
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".nnsim-", suffix=".tmp", dir=directory)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta)})
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], device=None) -> "Representation":
+        """Read a file written by :meth:`save` (no pickle is ever executed)."""
+        from safetensors import SafetensorError, safe_open
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no representation file at {path!r}")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as handle:
+                header = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"{path!r} is not a nnsim_fast representation file: {error}") from None
+        if _META_KEY not in header:
+            raise ValueError(f"{path!r} is a safetensors file but not a nnsim_fast representation")
+        meta = json.loads(header[_META_KEY])
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{path!r} has representation format {meta.get('format')}, this "
+                             f"nnsim_fast (version {_library_version()}) reads format "
+                             f"{FORMAT_VERSION}; re-sketch with this version")
+        return cls.from_state(tensors, meta, device=device)
+
+    @classmethod
+    def from_state(cls, tensors: Dict[str, torch.Tensor], meta: Dict, device=None
+                   ) -> "Representation":
+        rep = cls(meta["m"], meta["seed"], meta["sparsity"], dtype=getattr(torch, meta["dtype"]),
+                  device=device, meta=meta.get("meta"))
+        dev = rep.device
+        rep.n, rep.row_keys = int(meta["n"]), meta["row_keys"]
+        rep.row_intervals = [list(iv) for iv in meta["row_intervals"]]
+        rep.sketch_ones = tensors["sketch_ones"].to(dev)
+        for name, info in sorted(meta["layers"].items(), key=lambda kv: kv[1]["index"]):
+            prefix = f"layer{info['index']}."
+            get = lambda key: tensors[prefix + key].to(dev) if prefix + key in tensors else None  # noqa: E731
+            rep.layers[name] = LayerSketch(
+                sketch_f=get("sketch_f"), sketch_g=get("sketch_g"), sum_f=get("sum_f"),
+                sum_g=get("sum_g"), trace=get("trace"), sketch_fg=get("sketch_fg"), sum_fg=get("sum_fg"),
+                mean_psi=get("mean_psi"), feature_shape=tuple(info["feature_shape"]))
+        return rep
+
+    def __repr__(self) -> str:
+        dims = ", ".join(f"{k}: {v.sketch_f.shape[1]}" for k, v in self.layers.items())
+        return (f"Representation(n={self.n}, m={self.m}, seed={self.seed}, "
+                f"sparsity={self.sparsity}, layers={{{dims}}})")
