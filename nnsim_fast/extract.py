@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
+import os
 import sys
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import (Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple,
+                    Union)
 
 import torch
 from torch import nn
@@ -215,9 +218,13 @@ def sketch_model(model: nn.Module, data: Iterable, layers: Optional[Sequence[str
                  target: str = "expected", loss_fn: Optional[Callable] = None,
                  output_fn: Optional[Callable] = None, spatial: str = "flatten",
                  dtype: torch.dtype = torch.float32, device=None, product: bool = False,
-                 mean_embedding: bool = False, max_batches: Optional[int] = None,
+                 mean_embedding: bool = False, psi: bool = False,
+                 psi_budget: Optional[int] = None, psi_dim: Optional[int] = None,
+                 max_batches: Optional[int] = None,
                  progress: Optional[bool] = None,
-                 into: Optional[Representation] = None) -> Representation:
+                 into: Optional[Representation] = None, distributed: bool = False,
+                 group=None, checkpoint: Optional[Union[str, os.PathLike]] = None,
+                 checkpoint_every: Optional[int] = None) -> Representation:
     """Sketch a model's features and expected gradients at ``layers`` over ``data``.
 
     Args:
@@ -246,9 +253,27 @@ def sketch_model(model: nn.Module, data: Iterable, layers: Optional[Sequence[str
         product: also sketch ``f o g`` (for ``kind="khatri_rao"``).
         mean_embedding: also accumulate the exact ``sum_i g_i f_i^T`` (needs
             ``d_f * d_g`` floats per layer) for :func:`mean_embedding_norm`.
+        psi: also sketch ``psi(x) = g f^T`` itself (for ``kind="psi"``, the
+            estimator ``S K S^T`` the paper's bounds cover): exact while
+            ``m * d_f * d_g <= psi_budget`` (default 2^28), otherwise through a
+            TensorSketch of width ``psi_dim`` (default 4096).
         max_batches: stop after this many batches.
         progress: show a progress bar (default: when stderr is a terminal).
         into: add to an existing representation instead of a new one.
+        distributed: each rank of the initialised ``torch.distributed`` group
+            sketches its shard (``data`` a DataLoader over a DistributedSampler);
+            rows are keyed by dataset index, a sample repeated across ranks by
+            the sampler's padding is counted once, and the ranks' sketches are
+            summed with ``all_reduce``: every rank returns the same representation.
+        group: the process group for ``distributed`` (default: the world).
+        checkpoint: a file path; the partial representation is written there
+            atomically every ``checkpoint_every`` batches and at the end.  A rerun
+            with the same arguments resumes after the last checkpointed batch
+            (skipping those batches without computing them) and gives the same
+            result as an uninterrupted run, provided ``data`` yields the same
+            batches in the same order.  With ``distributed``, each rank writes
+            ``path.rank<r>``.
+        checkpoint_every: batches between checkpoints (default: only at the end).
 
     Returns:
         A :class:`Representation`.
@@ -277,57 +302,223 @@ def sketch_model(model: nn.Module, data: Iterable, layers: Optional[Sequence[str
                              meta={"target": target if loss_fn is None else "loss_fn",
                                    "spatial": spatial, "layers": names})
     output_fn = output_fn or default_output_fn
+    settings = {"m": m, "seed": seed, "sparsity": sparsity, "beta": beta, "layers": names,
+                "target": target, "loss_fn": loss_fn is not None, "spatial": spatial,
+                "dtype": str(dtype), "product": product, "mean_embedding": mean_embedding,
+                "psi": psi, "psi_budget": psi_budget, "psi_dim": psi_dim,
+                "max_batches": max_batches, "distributed": distributed}
+    rank_suffix = ""
+    planned_rows: Optional[List[List[int]]] = None
+    if distributed:
+        planned_rows, rank_suffix = _distributed_plan(data, group)
+    done_batches = 0
+    if checkpoint is not None:
+        checkpoint = os.fspath(checkpoint) + rank_suffix
+        if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or
+                                             not isinstance(checkpoint_every, int) or
+                                             checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+        if into is not None:
+            raise ValueError("checkpoint= cannot be combined with into=")
+        resumed = _resume(checkpoint, settings, rep_device)
+        if resumed is not None:
+            rep, done_batches, complete = resumed
+            if complete:
+                return _finish_distributed(rep, distributed, group)
+    elif checkpoint_every is not None:
+        raise ValueError("checkpoint_every needs checkpoint=path")
+
+    def save_progress(batches: int, complete: bool) -> None:
+        rep.meta["progress"] = {"settings": settings, "batches": batches, "complete": complete}
+        rep.save(checkpoint)
+
     bar = _progress_bar(data, progress)
+    batch_index = -1
     try:
         with eval_mode(model), LayerProbe(model, names) as probe, torch.enable_grad():
             for batch_index, batch in enumerate(data):
                 if max_batches is not None and batch_index >= max_batches:
+                    batch_index -= 1
                     break
                 x, y, index = unpack_batch(batch)
                 if not isinstance(x, torch.Tensor):
                     raise TypeError(f"batch {batch_index}: inputs must be a tensor, got "
                                     f"{type(x).__name__}")
-                x = x.to(model_device)
-                probe.reset()
-                logits = output_fn(model(x))
-                missing = [name for name in names if name not in probe.features]
-                if missing:
-                    raise RuntimeError(f"layers {missing} did not run in the forward pass of "
-                                       f"batch {batch_index}")
-                if loss_fn is not None or target == "labels":
-                    if y is None:
-                        raise ValueError(f"batch {batch_index} has no labels, but "
-                                         f"{'loss_fn' if loss_fn else 'target=labels'} needs them")
-                    y = y.to(logits.device)
-                    loss = (loss_fn(logits, y) if loss_fn is not None else
-                            torch.nn.functional.cross_entropy(logits, y, reduction="none"))
-                    objective = loss.sum()
-                else:
-                    objective = expected_gradient_objective(logits, beta)
-                deltas = [probe.deltas[name] for name in names]
-                grads = torch.autograd.grad(objective, deltas, allow_unused=True)
-                features, gradients, shapes = {}, {}, {}
-                for name, grad in zip(names, grads):
-                    feature = probe.features[name]
-                    if grad is None:  # the layer does not influence the output
-                        grad = torch.zeros_like(feature)
-                    f = _flatten(feature, spatial, is_gradient=False)
-                    g = _flatten(grad, spatial, is_gradient=True)
-                    for what, t in (("features", f), ("gradients", g)):
-                        if not bool(torch.isfinite(t).all()):
-                            raise FloatingPointError(f"non-finite {what} at layer {name!r} in "
-                                                     f"batch {batch_index}")
-                    features[name], gradients[name] = f, g
-                    shapes[name] = tuple(feature.shape[1:])
-                rows = None if index is None else torch.as_tensor(index).to(rep.device, torch.int64)
-                rep.update(features, gradients, rows=rows, product=product,
-                           mean_embedding=mean_embedding, feature_shapes=shapes)
-                probe.reset()
+                if batch_index < done_batches:   # already in the resumed checkpoint
+                    if bar is not None:
+                        bar.update(int(x.shape[0]))
+                    continue
+                rows = None if index is None else torch.as_tensor(index).to(torch.int64)
+                keep = None
+                if planned_rows is not None:
+                    rows, keep = _planned_batch_rows(planned_rows, batch_index, rows, x.shape[0])
+                features, gradients, shapes = _batch_statistics(
+                    model, probe, names, x.to(model_device), y, batch_index, output_fn,
+                    target, loss_fn, beta, spatial)
+                if keep is not None:
+                    features = {k: v[keep] for k, v in features.items()}
+                    gradients = {k: v[keep] for k, v in gradients.items()}
+                    rows = rows[keep]
+                if rows is not None:
+                    rows = rows.to(rep.device)
+                if rows is None or rows.numel():
+                    rep.update(features, gradients, rows=rows, product=product,
+                               mean_embedding=mean_embedding, psi=psi, psi_budget=psi_budget,
+                               psi_dim=psi_dim, feature_shapes=shapes)
                 if bar is not None:
                     bar.update(int(x.shape[0]))
+                if checkpoint is not None and checkpoint_every is not None and \
+                        (batch_index + 1) % checkpoint_every == 0:
+                    save_progress(batch_index + 1, complete=False)
     finally:
         if bar is not None:
             bar.close()
-    if rep.n == 0:
+    if rep.n == 0 and not distributed:
         raise ValueError("data yielded no samples")
+    if checkpoint is not None:
+        save_progress(batch_index + 1, complete=True)
+    return _finish_distributed(rep, distributed, group)
+
+
+def _batch_statistics(model, probe: LayerProbe, names: List[str], x: torch.Tensor, y,
+                      batch_index: int, output_fn: Callable, target: str,
+                      loss_fn: Optional[Callable], beta: float, spatial: str):
+    """Features, expected gradients and feature shapes of one batch at every probed layer."""
+    probe.reset()
+    logits = output_fn(model(x))
+    missing = [name for name in names if name not in probe.features]
+    if missing:
+        raise RuntimeError(f"layers {missing} did not run in the forward pass of "
+                           f"batch {batch_index}")
+    if loss_fn is not None or target == "labels":
+        if y is None:
+            raise ValueError(f"batch {batch_index} has no labels, but "
+                             f"{'loss_fn' if loss_fn else 'target=labels'} needs them")
+        y = y.to(logits.device)
+        loss = (loss_fn(logits, y) if loss_fn is not None else
+                torch.nn.functional.cross_entropy(logits, y, reduction="none"))
+        objective = loss.sum()
+    else:
+        objective = expected_gradient_objective(logits, beta)
+    deltas = [probe.deltas[name] for name in names]
+    grads = torch.autograd.grad(objective, deltas, allow_unused=True)
+    features, gradients, shapes = {}, {}, {}
+    for name, grad in zip(names, grads):
+        feature = probe.features[name]
+        if grad is None:  # the layer does not influence the output
+            grad = torch.zeros_like(feature)
+        f = _flatten(feature, spatial, is_gradient=False)
+        g = _flatten(grad, spatial, is_gradient=True)
+        for what, t in (("features", f), ("gradients", g)):
+            if not bool(torch.isfinite(t).all()):
+                raise FloatingPointError(f"non-finite {what} at layer {name!r} in "
+                                         f"batch {batch_index}")
+        features[name], gradients[name] = f, g
+        shapes[name] = tuple(feature.shape[1:])
+    probe.reset()
+    return features, gradients, shapes
+
+
+def _resume(path: str, settings: Dict, device) -> Optional[Tuple[Representation, int, bool]]:
+    """The checkpointed representation, batches done and completion, if ``path`` exists."""
+    if not os.path.exists(path):
+        return None
+    rep = Representation.load(path, device=device)
+    progress = rep.meta.get("progress") or {}
+    saved = progress.get("settings")
+    if saved != json.loads(json.dumps(settings)):
+        changed = sorted(k for k in set(saved or {}) | set(settings)
+                         if (saved or {}).get(k) != json.loads(json.dumps(settings)).get(k))
+        raise ValueError(f"checkpoint {path!r} was written with different settings "
+                         f"({', '.join(changed)}); delete it or use another path")
+    return rep, int(progress.get("batches", 0)), bool(progress.get("complete", False))
+
+
+# --------------------------------------------------------------------------- distributed
+
+def _distributed_plan(data, group) -> Tuple[List[List[int]], str]:
+    """Dataset indices of this rank's batches, with rows repeated across ranks assigned once.
+
+    The DataLoader's batch sampler (e.g. over a DistributedSampler) tells which
+    dataset index each row of each batch is.  DistributedSampler pads the last
+    round with repeats of the first indices; a repeated index is kept only on
+    the lowest rank (and first position) that holds it, so no sample counts twice.
+    Entries of dropped rows are -1.
+    """
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("distributed=True needs an initialised torch.distributed process "
+                           "group (e.g. launched with torchrun and init_process_group)")
+    batch_sampler = getattr(data, "batch_sampler", None)
+    if batch_sampler is None:
+        raise TypeError("distributed=True needs a torch DataLoader with a sampler (e.g. "
+                        "DistributedSampler) so that each row's dataset index is known")
+    batches = [[int(i) for i in batch] for batch in batch_sampler]
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    gathered: List[Optional[List[List[int]]]] = [None] * world
+    dist.all_gather_object(gathered, batches, group=group)
+    owner: Dict[int, Tuple[int, int]] = {}
+    for r, rank_batches in enumerate(gathered):
+        position = 0
+        for batch in rank_batches:
+            for index in batch:
+                owner.setdefault(index, (r, position))
+                position += 1
+    plan, position = [], 0
+    for batch in batches:
+        kept = []
+        for index in batch:
+            kept.append(index if owner[index] == (rank, position) else -1)
+            position += 1
+        plan.append(kept)
+    return plan, f".rank{rank}"
+
+
+def _planned_batch_rows(plan: List[List[int]], batch_index: int, rows: Optional[torch.Tensor],
+                        batch: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if batch_index >= len(plan) or len(plan[batch_index]) != batch:
+        raise RuntimeError(f"batch {batch_index} does not match the DataLoader's batch sampler; "
+                           "the loader must yield its batches in sampler order")
+    planned = torch.tensor(plan[batch_index], dtype=torch.int64)
+    if rows is not None:
+        mask = planned >= 0
+        if not torch.equal(rows.cpu()[mask], planned[mask]):
+            raise RuntimeError(f"batch {batch_index}: the batch's own indices differ from the "
+                               "batch sampler's")
+    keep = planned >= 0
+    return planned.clamp_min(0), (None if bool(keep.all()) else keep)
+
+
+def _finish_distributed(rep: Representation, distributed: bool, group) -> Representation:
+    if distributed:
+        rep.all_reduce(group)
+        if rep.n == 0:
+            raise ValueError("data yielded no samples on any rank")
     return rep
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Wrap a dataset so each item also carries its index: ``{"index", "x", "y"}``.
+
+    With such batches, a sample's bucket and sign depend on its dataset index,
+    not on its position in the stream, so shuffled loaders, any batch size and
+    any sharding give the same sketch.  Items of the wrapped dataset may be
+    ``x`` or ``(x, y)``.
+    """
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        if isinstance(item, (tuple, list)):
+            if len(item) == 2:
+                return {"index": index, "x": item[0], "y": item[1]}
+            if len(item) == 1:
+                return {"index": index, "x": item[0]}
+            raise ValueError(f"IndexedDataset items must be x or (x, y), got a tuple of "
+                             f"{len(item)}")
+        return {"index": index, "x": item}

@@ -10,6 +10,10 @@ a layer (``m x d``), the kinds are:
 ``"sum"``         ``K~_f + K~_g``
 ``"khatri_rao"``  ``P~ P~^T`` with ``P~ = S (F o G)``, the elementwise product of
                   features and gradients (needs ``sketch_model(..., product=True)``)
+``"psi"``         ``Psi~ Psi~^T`` with ``Psi~ = S Psi``, the sketch of ``psi(x) = g f^T``
+                  itself, so that ``K~ = S K S^T`` (exactly, or through a TensorSketch
+                  of psi; needs ``sketch_model(..., psi=True)``) -- the estimator the
+                  paper's bounds cover
 ``"transport"``   ``(I/2 + T/2) K~_f (I/2 + T/2)`` with
                   ``T = K~_f^{-1/2} (K~_f^{1/2} K~_g K~_f^{1/2})^{1/2} K~_f^{-1/2}``
                   (pseudo-inverse square roots on the numerical range of ``K~_f``)
@@ -20,10 +24,11 @@ Centering (``centering=``):
 ``"buckets"``  ``H K~ H`` on the ``m x m`` matrix, ``H = I - 11^T/m`` -- what the
                paper's code does; cheap and always available.
 ``"data"``     remove the data means before the Grams: ``F~ - (S 1) mean_f^T`` and
-               likewise for ``G~`` and ``F o G``, using the exact column sums kept
+               likewise for ``G~``, ``F o G`` and ``Psi`` (subtracting the mean
+               embedding), using the exact column sums kept
                in the representation.  For ``feature``, ``gradient``, ``sum`` and
                ``khatri_rao`` this is exactly the sketch of the centred data
-               (``S H F``); for ``hadamard`` and ``transport`` it centres each
+               (``S H F``), and for ``psi`` it is exactly ``S H K H S^T``; for ``hadamard`` and ``transport`` it centres each
                factor, which is not the same as centring their product.
 Kernels are returned in float64 (the index math's precision).
 """
@@ -39,7 +44,7 @@ from . import ops
 if TYPE_CHECKING:  # pragma: no cover
     from .sketch import Representation
 
-KINDS = ("feature", "gradient", "hadamard", "sum", "khatri_rao", "transport")
+KINDS = ("feature", "gradient", "hadamard", "sum", "khatri_rao", "psi", "transport")
 CENTERINGS = ("none", "buckets", "data")
 
 
@@ -128,8 +133,9 @@ def representation_kernels(rep: "Representation", layers: Sequence[str], kind: s
     def factor(layer, which: str) -> torch.Tensor:
         sketch = getattr(layer, f"sketch_{which}")
         if sketch is None:
-            raise ValueError(f"kind={kind!r} needs the sketch of f o g; build the representation "
-                             "with sketch_model(..., product=True)")
+            option = "psi=True" if which == "psi" else "product=True"
+            raise ValueError(f"kind={kind!r} needs a statistic this representation lacks; build "
+                             f"it with sketch_model(..., {option})")
         sketch = sketch.to(torch.float64)
         if centering != "data":
             return sketch
@@ -145,6 +151,8 @@ def representation_kernels(rep: "Representation", layers: Sequence[str], kind: s
             _grams([factor(layer, "g") for layer in chosen])
     elif kind == "khatri_rao":
         K = _grams([factor(layer, "fg") for layer in chosen])
+    elif kind == "psi":
+        K = _grams([factor(layer, "psi") for layer in chosen])
     elif kind == "hadamard":
         K = _hadamard([factor(layer, "f") for layer in chosen],
                       [factor(layer, "g") for layer in chosen])

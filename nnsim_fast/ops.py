@@ -22,7 +22,7 @@ import torch
 
 __all__ = [
     "native_available", "sketch_hash", "countsketch", "countsketch_pair",
-    "countsketch_pair_", "hadamard_gram", "sketch_matrix",
+    "countsketch_pair_", "countsketch_", "hadamard_gram", "sketch_matrix",
     "reference_sketch_hash", "reference_countsketch", "reference_countsketch_pair_",
     "reference_hadamard_gram",
 ]
@@ -324,6 +324,20 @@ def countsketch_pair_(acc_f: torch.Tensor, acc_g: torch.Tensor, f: torch.Tensor,
         with torch.no_grad():
             reference_countsketch_pair_(acc_f, acc_g, f, g, seed, offset, sparsity, rows)
     return acc_f, acc_g
+
+
+def countsketch_(acc: torch.Tensor, x: torch.Tensor, seed: int, offset: int = 0,
+                 sparsity: int = 1, *, rows: Optional[torch.Tensor] = None,
+                 deterministic: Optional[bool] = None) -> torch.Tensor:
+    """Streaming update ``acc += S x`` in place for a single input; returns ``acc``."""
+    _check_matrix(x, "x")
+    empty = x[:, :0]
+    if isinstance(acc, torch.Tensor) and acc.dim() == 2:
+        countsketch_pair_(acc, acc.new_zeros(acc.shape[0], 0), x, empty, seed, offset, sparsity,
+                          rows=rows, deterministic=deterministic)
+        return acc
+    raise ValueError(f"acc must be a 2-D [m, {x.shape[1]}] tensor, got "
+                     f"{tuple(acc.shape) if isinstance(acc, torch.Tensor) else type(acc).__name__}")
 
 
 def hadamard_gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

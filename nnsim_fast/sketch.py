@@ -46,6 +46,8 @@ class LayerSketch:
     sketch_fg: Optional[torch.Tensor] = None    # [m, d] S (F o G), for kind="khatri_rao"
     sum_fg: Optional[torch.Tensor] = None       # [d] float64, sum_i f_i o g_i
     mean_psi: Optional[torch.Tensor] = None     # [dg, df] float64, sum_i g_i f_i^T
+    sketch_psi: Optional[torch.Tensor] = None   # [m, P] S Psi (P = dg*df exact, or TensorSketch)
+    sum_psi: Optional[torch.Tensor] = None      # [P] float64, sum_i psi_i
     feature_shape: Tuple[int, ...] = ()
 
     def tensors(self) -> Dict[str, torch.Tensor]:
@@ -56,6 +58,9 @@ class LayerSketch:
             out["sum_fg"] = self.sum_fg
         if self.mean_psi is not None:
             out["mean_psi"] = self.mean_psi
+        if self.sketch_psi is not None:
+            out["sketch_psi"] = self.sketch_psi
+            out["sum_psi"] = self.sum_psi
         return out
 
 
@@ -116,7 +121,8 @@ class Representation:
         return list(self.layers)
 
     def _new_layer(self, name: str, f: torch.Tensor, g: torch.Tensor, product: bool,
-                   mean_embedding: bool, feature_shape: Tuple[int, ...]) -> LayerSketch:
+                   mean_embedding: bool, feature_shape: Tuple[int, ...],
+                   psi_width: int = 0) -> LayerSketch:
         df, dg = f.shape[1], g.shape[1]
         zeros = lambda *shape, dtype=self.dtype: torch.zeros(*shape, dtype=dtype,  # noqa: E731
                                                               device=self.device)
@@ -132,13 +138,22 @@ class Representation:
             layer.sum_fg = zeros(df, dtype=torch.float64)
         if mean_embedding:
             layer.mean_psi = zeros(dg, df, dtype=torch.float64)
+        if psi_width:
+            layer.sketch_psi = zeros(self.m, psi_width)
+            layer.sum_psi = zeros(psi_width, dtype=torch.float64)
         return layer
 
     def update(self, features: Mapping[str, torch.Tensor], gradients: Mapping[str, torch.Tensor],
                *, rows: Optional[torch.Tensor] = None, product: bool = False,
-               mean_embedding: bool = False,
+               mean_embedding: bool = False, psi: bool = False,
+               psi_budget: Optional[int] = None, psi_dim: Optional[int] = None,
                feature_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None) -> None:
         """Add one batch: ``features[name]`` and ``gradients[name]`` are ``[B, d]`` matrices.
+
+        ``product``, ``mean_embedding`` and ``psi`` add the optional statistics
+        of :class:`LayerSketch` (decided by the first batch of each layer); ``psi``
+        keeps ``S Psi`` exactly while ``m * df * dg <= psi_budget`` and a
+        TensorSketch of width ``psi_dim`` otherwise (see :mod:`nnsim_fast.psi`).
 
         Rows are numbered in stream order (``rows=None``: this batch follows the
         rows already seen) or by dataset index (``rows``: int64 ``[B]``).  One
@@ -183,7 +198,13 @@ class Representation:
             if name not in self.layers:
                 shape = tuple(feature_shapes[name]) if feature_shapes and name in feature_shapes \
                     else (f.shape[1],)
-                self.layers[name] = self._new_layer(name, f, g, product, mean_embedding, shape)
+                width = 0
+                if psi:
+                    from .psi import DEFAULT_PSI_BUDGET, DEFAULT_PSI_DIM, psi_width
+                    width = psi_width(f.shape[1], g.shape[1], self.m,
+                                      psi_budget or DEFAULT_PSI_BUDGET, psi_dim or DEFAULT_PSI_DIM)
+                self.layers[name] = self._new_layer(name, f, g, product, mean_embedding, shape,
+                                                    width)
             layer = self.layers[name]
             if layer.sketch_f.shape[1] != f.shape[1] or layer.sketch_g.shape[1] != g.shape[1]:
                 raise ValueError(f"layer {name!r}: width changed from "
@@ -198,15 +219,21 @@ class Representation:
             if layer.sketch_fg is not None:
                 fg64 = f64 * g64
                 layer.sum_fg += fg64.sum(0)
-                fg = fg64.to(self.dtype)
-                # The product sketch reuses the pair op with a zero-width partner.
-                ops.countsketch_pair_(layer.sketch_fg, layer.sketch_fg.new_zeros(self.m, 0),
-                                      fg, fg[:, :0], self.seed, offset, self.sparsity, rows=rows)
+                ops.countsketch_(layer.sketch_fg, fg64.to(self.dtype), self.seed, offset,
+                                 self.sparsity, rows=rows)
             if layer.mean_psi is not None:
                 layer.mean_psi += g64.T @ f64
+            if layer.sketch_psi is not None:
+                from .psi import psi_features, row_slices
+                width = layer.sketch_psi.shape[1]
+                for lo, hi in row_slices(batch, width):
+                    psi_rows = psi_features(f64[lo:hi], g64[lo:hi], width, self.seed)
+                    layer.sum_psi += psi_rows.sum(0)
+                    ops.countsketch_(layer.sketch_psi, psi_rows.to(self.dtype), self.seed,
+                                     offset + (lo if rows is None else 0), self.sparsity,
+                                     rows=None if rows is None else rows[lo:hi])
         ones = torch.ones(batch, 1, dtype=torch.float64, device=self.device)
-        ops.countsketch_pair_(self.sketch_ones, self.sketch_ones.new_zeros(self.m, 0), ones,
-                              ones[:, :0], self.seed, offset, self.sparsity, rows=rows)
+        ops.countsketch_(self.sketch_ones, ones, self.seed, offset, self.sparsity, rows=rows)
         self.row_keys = keys
         self.row_intervals = _intervals_union(self.row_intervals, new_intervals)
         self.n += batch
@@ -292,8 +319,7 @@ class Representation:
         world = dist.get_world_size(group)
         # Agree on the structure first, so a mismatch is an error rather than a hang.
         mine = {"m": self.m, "seed": self.seed, "sparsity": self.sparsity,
-                "layers": {k: [list(v.sketch_f.shape), list(v.sketch_g.shape),
-                               v.sketch_fg is not None, v.mean_psi is not None]
+                "layers": {k: {key: list(t.shape) for key, t in v.tensors().items()}
                            for k, v in self.layers.items()},
                 "dtype": str(self.dtype), "beta": self.meta.get("beta"),
                 "row_keys": self.row_keys, "intervals": self.row_intervals, "n": self.n}
@@ -414,6 +440,7 @@ class Representation:
             rep.layers[name] = LayerSketch(
                 sketch_f=get("sketch_f"), sketch_g=get("sketch_g"), sum_f=get("sum_f"),
                 sum_g=get("sum_g"), trace=get("trace"), sketch_fg=get("sketch_fg"), sum_fg=get("sum_fg"),
+                sketch_psi=get("sketch_psi"), sum_psi=get("sum_psi"),
                 mean_psi=get("mean_psi"), feature_shape=tuple(info["feature_shape"]))
         return rep
 

@@ -27,8 +27,6 @@ namespace {
 // Rows hashed per pass: the chunk's buckets and values stay cache resident
 // while every column tile streams over the chunk's rows.
 constexpr int64_t kChunkRows = 16384;
-// A thread's output tile (m x width accumulators) is sized to stay in L2.
-constexpr int64_t kTileBytes = 1536 * 1024;
 constexpr int64_t kMinTileCols = 16;
 constexpr int64_t kGramBlock = 128;
 
@@ -55,27 +53,32 @@ void hash_rows(const SketchHash& hash, const int64_t* rows, int64_t offset, int6
   });
 }
 
-// Work split of the scatter.  A task owns a range of output buckets and a
-// column tile of both inputs, and adds the chunk's rows that land in its range
-// in row order.  Every output element thus has one owner and one summation
-// order (the row order), whatever the number of threads or tasks.
+// Work split of the scatter.  Each chunk's (row, block) entries are sorted by
+// bucket (a stable counting sort, so rows keep their order inside a bucket).
+// A task owns a contiguous range of buckets (and, when m < threads, a column
+// tile) and adds each bucket's rows one after the other: the output row stays
+// in L1 while the input rows stream in whole, with the next one prefetched.
+// Every output element has one owner and one summation order (the row order),
+// whatever the number of threads.
 struct Split {
-  int64_t ranges;        // bucket ranges [r * m / ranges, (r + 1) * m / ranges)
-  int64_t col_tiles;     // column tiles per input
+  int64_t ranges;     // bucket ranges [r * m / ranges, (r + 1) * m / ranges)
+  int64_t col_tiles;  // column tiles per input
 };
 
-Split make_split(int64_t m, int64_t df, int64_t dg, int64_t acc_bytes) {
+Split make_split(int64_t m, int64_t df, int64_t dg) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // One bucket range per thread: each thread then reads about 1/threads of
-  // the rows, whole, in increasing address order (prefetch friendly).  Column
-  // tiles are added only when m < threads or a thread's output block would
-  // not stay in L2 while rows stream past it.
-  const int64_t ranges = std::min(m, threads);
-  const int64_t block_bytes = (m / ranges + 1) * (df + dg) * acc_bytes;
-  int64_t col_tiles = std::max((threads + ranges - 1) / ranges,
-                               (block_bytes + kTileBytes - 1) / kTileBytes);
+  const int64_t ranges = std::min(m, 4 * threads);
+  int64_t col_tiles = (threads + ranges - 1) / ranges;
   col_tiles = std::min(col_tiles, std::max<int64_t>(1, std::max(df, dg) / kMinTileCols));
   return {ranges, col_tiles};
+}
+
+template <typename in_t>
+inline void prefetch_row(const in_t* row, int64_t width, int64_t col_stride) {
+  if (col_stride != 1) return;
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = width * static_cast<int64_t>(sizeof(in_t));
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 0);
 }
 
 template <typename in_t, typename acc_t>
@@ -83,7 +86,10 @@ void add_rows(const in_t* __restrict x, int64_t row_stride, int64_t col_stride,
               const int64_t* entry, int64_t count, int s, const int64_t* bucket,
               const acc_t* value, acc_t* acc, int64_t acc_cols, int64_t c0, int64_t width) {
   if (width <= 0) return;
+  constexpr int64_t kAhead = 2;
   for (int64_t k = 0; k < count; ++k) {
+    if (k + kAhead < count)
+      prefetch_row(x + (entry[k + kAhead] / s) * row_stride + c0 * col_stride, width, col_stride);
     const int64_t e = entry[k];
     const in_t* __restrict x_row = x + (e / s) * row_stride + c0 * col_stride;
     acc_t* __restrict out = acc + bucket[e] * acc_cols + c0;
@@ -104,42 +110,42 @@ void accumulate_pair(at::Tensor& acc_f, at::Tensor& acc_g, const at::Tensor& f,
   const int64_t m = acc_f.size(0);
   const int64_t d[2] = {f.size(1), g != nullptr ? g->size(1) : 0};
   const int s = hash.sparsity;
-  const Split split = make_split(m, d[0], d[1], sizeof(acc_t));
-  const int64_t chunk = std::min(n, kChunkRows);
-  std::vector<int64_t> bucket(chunk * s), entry(chunk * s), range_start(split.ranges + 1);
+  const Split split = make_split(m, d[0], d[1]);
+  // Chunks hold at least a few rows per bucket so the per-chunk sort pays off.
+  const int64_t chunk = std::min(n, std::max(kChunkRows, 4 * m));
+  std::vector<int64_t> bucket(chunk * s), entry(chunk * s), bucket_start(m + 1);
   std::vector<acc_t> value(chunk * s);
   const in_t* x[2] = {f.const_data_ptr<in_t>(), g != nullptr ? g->const_data_ptr<in_t>() : nullptr};
   const int64_t row_stride[2] = {f.stride(0), g != nullptr ? g->stride(0) : 0};
   const int64_t col_stride[2] = {f.stride(1), g != nullptr ? g->stride(1) : 0};
   acc_t* out[2] = {acc_f.mutable_data_ptr<acc_t>(),
                    g != nullptr ? acc_g.mutable_data_ptr<acc_t>() : nullptr};
-  auto range_of = [&](int64_t b) { return b * split.ranges / m; };
 
   for (int64_t begin = 0; begin < n; begin += chunk) {
     const int64_t end = std::min(n, begin + chunk);
     const int64_t entries = (end - begin) * s;
     hash_rows<acc_t>(hash, rows, offset, begin, end, bucket.data(), value.data());
-    // Stable counting sort of the chunk's (row, block) entries by bucket range.
-    std::fill(range_start.begin(), range_start.end(), 0);
-    for (int64_t e = 0; e < entries; ++e) ++range_start[range_of(bucket[e]) + 1];
-    for (int64_t r = 0; r < split.ranges; ++r) range_start[r + 1] += range_start[r];
+    // Stable counting sort of the chunk's (row, block) entries by bucket.
+    std::fill(bucket_start.begin(), bucket_start.end(), 0);
+    for (int64_t e = 0; e < entries; ++e) ++bucket_start[bucket[e] + 1];
+    for (int64_t b = 0; b < m; ++b) bucket_start[b + 1] += bucket_start[b];
     {
-      std::vector<int64_t> cursor(range_start.begin(), range_start.end() - 1);
-      for (int64_t e = 0; e < entries; ++e) entry[cursor[range_of(bucket[e])]++] = e;
+      std::vector<int64_t> cursor(bucket_start.begin(), bucket_start.end() - 1);
+      for (int64_t e = 0; e < entries; ++e) entry[cursor[bucket[e]]++] = e;
     }
     const int64_t tasks = split.ranges * split.col_tiles;
     at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t r = t / split.col_tiles, tile = t % split.col_tiles;
-        const int64_t* list = entry.data() + range_start[r];
-        const int64_t count = range_start[r + 1] - range_start[r];
+        const int64_t first = bucket_start[r * m / split.ranges];
+        const int64_t last = bucket_start[(r + 1) * m / split.ranges];
         for (int k = 0; k < 2; ++k) {
           if (x[k] == nullptr) continue;
           const int64_t width = (d[k] + split.col_tiles - 1) / split.col_tiles;
           const int64_t c0 = tile * width;
-          add_rows<in_t, acc_t>(x[k] + begin * row_stride[k], row_stride[k], col_stride[k], list,
-                                count, s, bucket.data(), value.data(), out[k], d[k], c0,
-                                std::min(width, d[k] - c0));
+          add_rows<in_t, acc_t>(x[k] + begin * row_stride[k], row_stride[k], col_stride[k],
+                                entry.data() + first, last - first, s, bucket.data(),
+                                value.data(), out[k], d[k], c0, std::min(width, d[k] - c0));
         }
       }
     });

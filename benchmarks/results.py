@@ -1,0 +1,166 @@
+"""Run the CPU benchmarks and write benchmarks/RESULTS.md (and a JSON copy of the numbers).
+
+    python benchmarks/results.py            # quick set, well under a minute
+    python benchmarks/results.py --full     # the full grid (minutes)
+
+Every figure in the report is a ratio to something measured in the same run
+(the machine's read bandwidth and GEMM rate, and the baselines), and the
+"Targets" section is judged from this run's numbers only.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+try:
+    from nnsim_fast import bench
+except ImportError:  # run from a checkout that is not installed
+    sys.path.insert(0, ROOT)
+    from nnsim_fast import bench
+
+
+def _display_path(path: str) -> str:
+    """A path as it should appear in the report: relative to the repository root."""
+    absolute = os.path.abspath(path)
+    relative = os.path.relpath(absolute, ROOT)
+    return relative if not relative.startswith("..") else os.path.basename(absolute)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this report, with repository-relative paths."""
+    parts = ["python", "benchmarks/results.py"]
+    if args.full:
+        parts.append("--full")
+    if args.repeats is not None:
+        parts += ["--repeats", str(args.repeats)]
+    if args.threads is not None:
+        parts += ["--threads", str(args.threads)]
+    parts += ["--out", _display_path(args.out)]
+    if args.json:
+        parts += ["--json", _display_path(args.json)]
+    return " ".join(parts)
+
+
+def _sizes_section(results: Dict[str, object]) -> str:
+    config = results["config"]
+    sketch = ", ".join(f"({bench.count_text(n)}, {d}, {m})" for n, d, m in config["sizes"])
+    gram = ", ".join(f"({b}, {m}, {d})" for b, m, d in config["gram_sizes"])
+    labels = ", ".join(bench.BASELINE_LABELS[name] for name in config["baselines"])
+    skipped = [r for r in results["sketch"] if r["status"] != "ok"]
+    lines = [
+        f"- Mode: {'full' if not config['quick'] else 'quick'}; each time is the median of "
+        f"{config['repeats']} round-robin rounds after one warm-up call.",
+        f"- CountSketch pair, (n, d, m) with f and g both float32 [n, d], sparsity 1: {sketch}.",
+        f"- Sketch baselines: {labels}.",
+        f"- Hadamard Gram, (B, m, d) with a and b both float32 [B, m, d]: {gram}.",
+    ]
+    for row in skipped:
+        lines.append(f"- Skipped n={bench.count_text(row['n'])}, d={row['d']}, m={row['m']}: "
+                     f"{row.get('reason', row['status'])}.")
+    return "\n".join(lines)
+
+
+def _host_section(results: Dict[str, object]) -> str:
+    host = results["host"]
+    lines = [
+        f"- CPU: {host['cpu_model']}; {host['cores_usable']} usable of "
+        f"{host['cores_online']} online cores; {host['memory_total_gib']} GiB memory.",
+        f"- torch {host['torch_version']} ({host['torch_threads']} threads, MKL "
+        f"{'yes' if host['mkl'] else 'no'}), numpy {host['numpy_version']}, scipy "
+        f"{host['scipy_version']}, Python {host['python_version']}.",
+        f"- Native ops loaded: {'yes' if host['native_ops'] else 'no (pure-PyTorch reference)'}.",
+        f"- Load average (1/5/15 min) {bench.load_text(host.get('load_average'))} at the "
+        f"start, {bench.load_text(results.get('load_average_after'))} at the end "
+        f"(a load above the core count means other work shared the cores).",
+    ]
+    return "\n".join(lines)
+
+
+def render(results: Dict[str, object], command: str) -> str:
+    """The Markdown report of one run."""
+    machine = results["machine"]
+    targets = results.get("targets") or bench.evaluate_targets(results)
+    sections: List[str] = [
+        "# Benchmark results (CPU)",
+        f"Produced by `{command}` on {results['host']['date_utc']} "
+        f"(run time {results['elapsed_s']:.0f} s). How to run and read these tables: "
+        "`benchmarks/README.md`.",
+        "## Machine",
+        _host_section(results),
+        f"Measured in this run: read bandwidth {machine['read_gbs']:.1f} GB/s "
+        f"(`sum()` over {machine['buffer_bytes'] / bench.GIB:.0f} GiB of float32), copy "
+        f"bandwidth {machine['copy_gbs']:.1f} GB/s (`copy_`, bytes read + written), fp32 GEMM "
+        f"{machine['gemm_gflops']:.0f} GFLOP/s (`torch.mm`, {machine['gemm_size']}^3).",
+        "## Sizes",
+        _sizes_section(results),
+        "## CountSketch pair",
+        bench.format_sketch_table(results),
+        bench.SKETCH_NOTES,
+        "## Hadamard Gram",
+        bench.format_gram_table(results),
+        bench.GRAM_NOTES,
+    ]
+    scaling = bench.format_scaling_table(results)
+    if scaling:
+        sections += ["## Thread scaling", scaling,
+                     "The same sketch and a 1 GiB read at one thread and at all threads: a "
+                     "memory-bound kernel scales like the read."]
+    sections += [
+        "## Targets",
+        "Judged from the numbers above (read bandwidth: the 1 GiB `sum()` of this run).",
+        bench.format_targets(targets),
+        "## GPU",
+        "GPU results live in `benchmarks/results/` when they have been measured (written by "
+        "the GPU check script); this report holds CPU numbers only.",
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="the full size grid (minutes)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed rounds per method (default 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"),
+                        help="Markdown report (default benchmarks/RESULTS.md)")
+    parser.add_argument("--json", default=os.path.join(HERE, "results", "cpu.json"),
+                        help="JSON results (default benchmarks/results/cpu.json; '' to skip)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        print("error: --repeats must be >= 1", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print("error: --threads must be >= 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    results = bench.run_benchmarks(quick=not args.full, repeats=args.repeats,
+                                   progress=not args.no_progress)
+    command = command_line(args)
+    results["command"] = command
+    results["targets"] = bench.evaluate_targets(results)
+    report = render(results, command)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as handle:
+        handle.write(report)
+    if args.json:
+        bench.write_json(results, args.json)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
