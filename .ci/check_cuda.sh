@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Compile check of the CUDA kernels; needs nvcc but no GPU.
+# Compile check of the CUDA sources; needs nvcc but no GPU.
 #
 # Every csrc/cuda/*.cu is built for sm_80 and sm_90 with the macros that
 # torch's CUDA extension build defines, all warnings as errors, and ptxas
 # resource reports.  Fails on any compiler warning or error, and on any
 # register spill in our kernels ("N bytes spill stores/loads" with N > 0).
+# The torch binding (csrc/cuda/*.cpp) is compiled for syntax and types
+# against the installed torch headers.  The compilers run in parallel.
 # Exits 0 with a message when nvcc is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +29,7 @@ fi
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 
-flags=(
+nvcc_flags=(
   -std=c++17 -O3 -I csrc
   -gencode arch=compute_80,code=sm_80
   -gencode arch=compute_90,code=sm_90
@@ -41,26 +43,65 @@ flags=(
   --expt-relaxed-constexpr
 )
 
-status=0
 shopt -s nullglob
-sources=(csrc/cuda/*.cu)
-if [[ ${#sources[@]} -eq 0 ]]; then
+cu_sources=(csrc/cuda/*.cu)
+cpp_sources=(csrc/cuda/*.cpp)
+if [[ ${#cu_sources[@]} -eq 0 ]]; then
   echo "check_cuda: no csrc/cuda/*.cu files"
   exit 1
 fi
-
 echo "check_cuda: $("$nvcc_bin" --version | tail -n 1)"
-for src in "${sources[@]}"; do
-  name="$(basename "$src" .cu)"
+
+# The binding needs torch's headers.  A CPU build of torch ships the c10/cuda
+# headers too, except one that CUDA builds generate (cuda_cmake_macros.h); a
+# stand-in for it is enough for a syntax check.
+py="${PYTHON:-python3}"
+torch_include="$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))' 2>/dev/null || true)"
+torch_version="$("$py" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)"
+cuda_include=""
+for candidate in "${CUDA_HOME:-/nonexistent}/include" \
+    "$(dirname "$(dirname "$(readlink -f "$nvcc_bin")")")/include" /usr/local/cuda/include; do
+  if [[ -z "$cuda_include" && -f "$candidate/cuda_runtime_api.h" ]]; then cuda_include="$candidate"; fi
+done
+check_cpp=0
+if [[ -n "$torch_include" && -f "$torch_include/c10/cuda/CUDAGuard.h" && -n "$cuda_include" ]]; then
+  check_cpp=1
+  mkdir -p "$scratch/shim/c10/cuda/impl"
+  if [[ ! -f "$torch_include/c10/cuda/impl/cuda_cmake_macros.h" ]]; then
+    printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' >"$scratch/shim/c10/cuda/impl/cuda_cmake_macros.h"
+  fi
+fi
+
+# Launch every compile, then read the logs.
+start=$SECONDS
+for src in "${cu_sources[@]}"; do
+  name="$(basename "$src")"
+  ( set +e; "$nvcc_bin" "${nvcc_flags[@]}" -c "$src" -o "$scratch/$name.o" >"$scratch/$name.log" 2>&1
+    echo $? >"$scratch/$name.rc" ) &
+done
+if [[ $check_cpp -eq 1 ]]; then
+  for src in "${cpp_sources[@]}"; do
+    name="$(basename "$src")"
+    ( set +e; "${CXX:-g++}" -std=c++17 -fsyntax-only -Wall -Wextra -Werror -DNNSIM_WITH_CUDA=1 \
+        -I csrc -isystem "$torch_include" -isystem "$torch_include/torch/csrc/api/include" \
+        -isystem "$cuda_include" -isystem "$scratch/shim" "$src" >"$scratch/$name.log" 2>&1
+      echo $? >"$scratch/$name.rc" ) &
+  done
+fi
+wait
+elapsed=$((SECONDS - start))
+
+status=0
+for src in "${cu_sources[@]}"; do
+  name="$(basename "$src")"
   log="$scratch/$name.log"
-  start=$SECONDS
-  failed=0
-  if ! "$nvcc_bin" "${flags[@]}" -c "$src" -o "$scratch/$name.o" >"$log" 2>&1; then
+  if [[ "$(cat "$scratch/$name.rc")" != 0 ]]; then
     echo "FAIL $src: compilation failed"
     cat "$log"
     status=1
     continue
   fi
+  failed=0
   # Anything on the log besides ptxas resource reports is a diagnostic.
   if grep -v -E '^ptxas info|^ +[0-9]+ bytes stack frame' "$log" | grep -q .; then
     echo "FAIL $src: compiler diagnostics"
@@ -81,10 +122,9 @@ for src in "${sources[@]}"; do
     }
     /Used [0-9]+ registers/ && fn != "" {
       match($0, /Used [0-9]+ registers/); regs = substr($0, RSTART + 5, RLENGTH - 15)
-      printf "%s %s regs=%s stack=%s spill=%s\n", (spill > 0 ? "SPILL" : "ok"), arch, regs, frame, fn
+      printf "%s %s regs=%s stack=%s %s\n", (spill > 0 ? "SPILL" : "ok"), arch, regs, frame, fn
       fn = ""
     }' "$log")"
-  kernels="$(grep -c . <<<"$report" || true)"
   if grep -q '^SPILL' <<<"$report"; then
     echo "FAIL $src: register spills"
     grep '^SPILL' <<<"$report" | sed 's/^/  /'
@@ -94,13 +134,29 @@ for src in "${sources[@]}"; do
     status=1
     continue
   fi
+  kernels="$(grep -c . <<<"$report" || true)"
   max_regs="$(sed -n 's/.* regs=\([0-9]*\) .*/\1/p' <<<"$report" | sort -n | tail -n 1)"
-  echo "ok   $src: $kernels kernel builds, max ${max_regs:-0} registers, $((SECONDS - start)) s"
+  echo "ok   $src: $kernels kernel builds (sm_80 + sm_90), no spills, max ${max_regs:-0} registers"
 done
 
-if [[ $status -ne 0 ]]; then
-  echo "check_cuda: FAILED"
+if [[ $check_cpp -eq 1 ]]; then
+  for src in "${cpp_sources[@]}"; do
+    name="$(basename "$src")"
+    if [[ "$(cat "$scratch/$name.rc")" == 0 ]]; then
+      echo "ok   $src: compiles (syntax and types) against torch $torch_version headers"
+    else
+      echo "FAIL $src: does not compile against the torch $torch_version headers"
+      cat "$scratch/$name.log"
+      status=1
+    fi
+  done
 else
-  echo "check_cuda: all CUDA sources compile for sm_80 and sm_90 without warnings or spills"
+  echo "check_cuda: torch or CUDA headers not found; csrc/cuda/*.cpp not checked"
+fi
+
+if [[ $status -ne 0 ]]; then
+  echo "check_cuda: FAILED (${elapsed} s)"
+else
+  echo "check_cuda: all CUDA sources compile without warnings or spills (${elapsed} s)"
 fi
 exit $status

@@ -74,7 +74,6 @@ def copy_bandwidth() -> Dict[str, float]:
     dst = torch.empty_like(src)
     ms = time_cuda(lambda: dst.copy_(src), reps=10, warmup=3)
     nbytes = 2 * src.numel() * src.element_size()
-    del src, dst
     return {"bytes": nbytes, "ms": ms, "GBps": nbytes / ms / 1e6}
 
 
@@ -86,7 +85,6 @@ def gemm_rates() -> Dict[str, Dict[str, float]]:
         ms = time_cuda(lambda: torch.mm(a, b), reps=5, warmup=2)
         out[name] = {"size": size, "ms": ms, "TFLOPs": 2 * size ** 3 / ms / 1e9,
                      "allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
-        del a, b
     return out
 
 
@@ -148,7 +146,6 @@ def sketch_case(ops, f: torch.Tensor, g: torch.Tensor, m: int, copy_GBps: float,
         run("csr_matmul", lambda: [S_csr @ x.to(acc) for x in (f, g)], extra_bytes=2 * temp)
         if "csr_build" in times and "csr_matmul" in times:
             times["csr_build_and_matmul"] = times["csr_build"] + times["csr_matmul"]
-        del S_csr
     except Exception as error:
         row["errors"]["csr"] = f"{type(error).__name__}: {error}"[:300]
 
@@ -157,12 +154,8 @@ def sketch_case(ops, f: torch.Tensor, g: torch.Tensor, m: int, copy_GBps: float,
         S = torch.zeros(m, n, dtype=f.dtype, device="cuda")
         S[bucket, torch.arange(n, device="cuda")] = sign.to(f.dtype)
         run("dense_gemm", lambda: [S @ x for x in (f, g)])
-        del S
     else:
         row["skipped"]["dense_gemm"] = f"dense S would take {dense_bytes / 2**30:.1f} GiB"
-    del buckets, signs, bucket, sign
-    torch.cuda.empty_cache()
-
     if "fused_atomic" in times:
         row["fused_GBps"] = floor_bytes / times["fused_atomic"] / 1e6
         row["fused_fraction_of_copy"] = row["fused_GBps"] / copy_GBps
@@ -249,8 +242,6 @@ def gram_suite(ops, gemm: Dict, deadline: float, results: Dict) -> None:
             if "fused" in row["ms"] and "torch_bmm_mul_fp32" in row["ms"]:
                 row["fused_speedup_vs_bmm_mul"] = row["ms"]["torch_bmm_mul_fp32"] / row["ms"]["fused"]
             rows.append(row)
-            del a, b, a32, b32
-            torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------- sanitize

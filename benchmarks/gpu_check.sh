@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a GPU session needs, in one command (under 8 minutes on an H100):
+# Everything a GPU machine has to run, in one command (under 8 minutes on an H100):
 #   1. check that torch with CUDA is importable (install torch from the pip cache if absent)
 #   2. build the extension with its CUDA kernels (sm_90)
 #   3. pytest -m cuda tests/test_cuda.py

@@ -50,8 +50,8 @@ def similarity(rep_a: Representation, rep_b: Representation, index: str = "cka",
         index: ``"cka"`` or ``"nbs"``; both are similarities in [0, 1].
         kind: kernel kind (see :mod:`nnsim_fast.kernels`); default the paper's
             ``"hadamard"`` (features o gradients).
-        layers: None (all layers of each), one list used for both, or a pair
-            ``(layers_a, layers_b)``.
+        layers: None (all layers of each), one name or list used for both, or a
+            2-tuple ``(layers_a, layers_b)`` (each a name or a list).
         centering: ``"buckets"`` (default), ``"data"`` or ``"none"``.
 
     Returns:
@@ -61,7 +61,7 @@ def similarity(rep_a: Representation, rep_b: Representation, index: str = "cka",
     _check_index(index)
     check_kind(kind)
     check_centering(centering)
-    if isinstance(layers, tuple) and len(layers) == 2 and not isinstance(layers[0], str):
+    if isinstance(layers, tuple) and len(layers) == 2:
         names_a, names_b = rep_a._resolve(layers[0]), rep_b._resolve(layers[1])
     else:
         names_a, names_b = rep_a._resolve(layers), rep_b._resolve(layers)

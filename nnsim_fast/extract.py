@@ -110,7 +110,7 @@ class LayerProbe:
     def _hook(self, name: str):
         def hook(module, inputs, output):
             if name in self.features:
-                raise RuntimeError(
+                raise ValueError(
                     f"layer {name!r} was called twice in one forward pass; its features are "
                     "ambiguous. Probe a module that runs once per forward (e.g. a parent "
                     "block), or wrap each use in its own module.")
@@ -293,10 +293,23 @@ def sketch_model(model: nn.Module, data: Iterable, layers: Optional[Sequence[str
     rep_device = torch.device(device) if device is not None else model_device
     if into is not None:
         rep = into
-        if (rep.m, rep.seed, rep.sparsity) != (m, seed, sparsity) or rep.meta.get("beta") != beta:
-            raise ValueError(f"into has m={rep.m}, seed={rep.seed}, sparsity={rep.sparsity}, "
-                             f"beta={rep.meta.get('beta')}; this call asks for m={m}, seed={seed}, "
-                             f"sparsity={sparsity}, beta={beta}")
+        wanted = {"m": m, "seed": seed, "sparsity": sparsity, "beta": beta,
+                  "target": target if loss_fn is None else "loss_fn", "spatial": spatial}
+        have = {"m": rep.m, "seed": rep.seed, "sparsity": rep.sparsity,
+                **{key: rep.meta.get(key) for key in ("beta", "target", "spatial")}}
+        differ = [key for key in wanted if wanted[key] != have[key]]
+        if differ:
+            raise ValueError("into was sketched with " +
+                             ", ".join(f"{k}={have[k]!r}" for k in differ) + "; this call asks "
+                             "for " + ", ".join(f"{k}={wanted[k]!r}" for k in differ))
+        for layer_name, layer in rep.layers.items():
+            options = {"product": layer.sketch_fg is not None,
+                       "mean_embedding": layer.mean_psi is not None,
+                       "psi": layer.sketch_psi is not None}
+            asked = {"product": product, "mean_embedding": mean_embedding, "psi": psi}
+            if options != asked:
+                raise ValueError(f"into's layer {layer_name!r} was sketched with {options}; "
+                                 f"this call asks for {asked}")
     else:
         rep = Representation(m, seed, sparsity, beta=beta, dtype=dtype, device=rep_device,
                              meta={"target": target if loss_fn is None else "loss_fn",
@@ -388,7 +401,7 @@ def _batch_statistics(model, probe: LayerProbe, names: List[str], x: torch.Tenso
     logits = output_fn(model(x))
     missing = [name for name in names if name not in probe.features]
     if missing:
-        raise RuntimeError(f"layers {missing} did not run in the forward pass of "
+        raise ValueError(f"layers {missing} did not run in the forward pass of "
                            f"batch {batch_index}")
     if loss_fn is not None or target == "labels":
         if y is None:

@@ -105,7 +105,8 @@ class SmallResNet(nn.Module):
 
     def main_path_depth(self) -> int:
         """Weight layers on the input-to-logits path minus one (L of the Fisher-Rao norm)."""
-        return 1 + 2 * len(self.block_names) + 1 - 1
+        # stem conv + two convs per block + head; shortcut convs sit off the main path
+        return (1 + 2 * len(self.block_names) + 1) - 1
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config:
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += float(loss) * rows.numel()
+            total += float(loss.detach()) * rows.numel()
             count += rows.numel()
         losses.append(total / max(count, 1))
     model.eval()

@@ -64,7 +64,9 @@ def cuda_ops_available() -> bool:
 # --------------------------------------------------------------------------- checks
 
 def _check_int(value, name: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    if not isinstance(value, int):
         if isinstance(value, torch.Tensor) or hasattr(value, "__index__"):
             try:
                 value = int(value.__index__())
@@ -107,14 +109,11 @@ def _check_rows(rows, n: int, device: torch.device) -> None:
         raise ValueError(f"rows must be a 1-D tensor of length {n}, got shape {tuple(rows.shape)}")
     if rows.device != device:
         raise ValueError(f"rows is on {rows.device} but the data is on {device}")
-    if n and not _is_fake(rows) and bool((rows < 0).any()):
+    # Reading values would break a torch.compile graph (and sync a GPU): the
+    # check runs eagerly on the CPU; the CPU kernels check again natively.
+    if n and rows.device.type == "cpu" and not torch.compiler.is_compiling() \
+            and bool((rows < 0).any()):
         raise ValueError("rows must be non-negative row indices")
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    # Under torch.compile tracing we must not read data.
-    return torch._C._functorch.is_functorch_wrapped_tensor(t) or type(t).__name__ in (
-        "FakeTensor", "FunctionalTensor") or t.device.type == "meta"
 
 
 def _check_pair(f, g) -> None:
@@ -432,6 +431,40 @@ def _register() -> None:
 
     torch.library.register_autograd(f"{lib}::countsketch_pair", _backward_pair,
                                     setup_context=_setup_pair)
+
+    # The gather is linear too: its gradient is the scatter (for double backward).
+    def _setup_gather(ctx, inputs, output):
+        grad_y, rows, n, seed, offset, sparsity = inputs
+        ctx.rows, ctx.seed, ctx.offset, ctx.sparsity = rows, seed, offset, sparsity
+        ctx.m, ctx.dtype = grad_y.shape[0], grad_y.dtype
+
+    def _backward_gather(ctx, grad):
+        grad_y = torch.ops.nnsim_fast.countsketch(grad.contiguous(), ctx.rows, ctx.m, ctx.seed,
+                                                  ctx.offset, ctx.sparsity, False)
+        return (grad_y.to(ctx.dtype),) + (None,) * 5
+
+    torch.library.register_autograd(f"{lib}::countsketch_backward", _backward_gather,
+                                    setup_context=_setup_gather)
+
+    # d/da <G, (a a^T) o (b b^T)> = (G o Kb + (G o Kb)^T) a, and likewise for b.
+    def _setup_gram(ctx, inputs, output):
+        a, b = inputs
+        ctx.save_for_backward(a, b)
+
+    def _backward_gram(ctx, grad):
+        a, b = ctx.saved_tensors
+        dtype = _accumulate_dtype(a.dtype)
+        a_acc, b_acc = a.to(dtype), b.to(dtype)
+        gram_a = torch.bmm(a_acc, a_acc.transpose(1, 2))
+        gram_b = torch.bmm(b_acc, b_acc.transpose(1, 2))
+        weight_a = grad * gram_b
+        weight_b = grad * gram_a
+        grad_a = torch.bmm(weight_a + weight_a.transpose(1, 2), a_acc)
+        grad_b = torch.bmm(weight_b + weight_b.transpose(1, 2), b_acc)
+        return grad_a.to(a.dtype), grad_b.to(b.dtype)
+
+    torch.library.register_autograd(f"{lib}::hadamard_gram", _backward_gram,
+                                    setup_context=_setup_gram)
 
 
 if _NATIVE:

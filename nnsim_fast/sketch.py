@@ -27,6 +27,8 @@ from . import ops
 
 FORMAT_VERSION = 1
 _META_KEY = "nnsim_fast"
+#: Settings that must agree for two representations' rows to be summed.
+COMPARED_META = ("beta", "target", "spatial")
 
 
 def _library_version() -> str:
@@ -259,9 +261,16 @@ class Representation:
             raise ValueError("cannot merge representations whose rows overlap: each sample must "
                              "be counted once (for stream-numbered batches, give the second "
                              "run a distinct row offset or use dataset indices)")
-        if self.meta.get("beta") != other.meta.get("beta"):
-            raise ValueError(f"cannot merge representations with different beta: "
-                             f"{self.meta.get('beta')} vs {other.meta.get('beta')}")
+        for key in COMPARED_META:
+            if self.meta.get(key) != other.meta.get(key):
+                raise ValueError(f"cannot merge representations with different {key}: "
+                                 f"{self.meta.get(key)!r} vs {other.meta.get(key)!r}")
+        for name in set(self.layers) & set(other.layers):
+            mine, theirs = self.layers[name].tensors(), other.layers[name].tensors()
+            if set(mine) != set(theirs):
+                raise ValueError(f"cannot merge: layer {name!r} has statistics "
+                                 f"{sorted(mine)} here and {sorted(theirs)} there (sketch both "
+                                 "with the same product/mean_embedding/psi options)")
         out = self.copy()
         other = other.to(out.device)
         for name, theirs in other.layers.items():
@@ -418,30 +427,74 @@ class Representation:
             raise ValueError(f"{path!r} is not a nnsim_fast representation file: {error}") from None
         if _META_KEY not in header:
             raise ValueError(f"{path!r} is a safetensors file but not a nnsim_fast representation")
-        meta = json.loads(header[_META_KEY])
+        try:
+            meta = json.loads(header[_META_KEY])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path!r}: corrupt representation metadata ({error})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path!r}: corrupt representation metadata (not a mapping)")
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path!r} has representation format {meta.get('format')}, this "
                              f"nnsim_fast (version {_library_version()}) reads format "
                              f"{FORMAT_VERSION}; re-sketch with this version")
-        return cls.from_state(tensors, meta, device=device)
+        try:
+            return cls.from_state(tensors, meta, device=device)
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{path!r}: corrupt representation ({error!r})") from None
 
     @classmethod
     def from_state(cls, tensors: Dict[str, torch.Tensor], meta: Dict, device=None
                    ) -> "Representation":
-        rep = cls(meta["m"], meta["seed"], meta["sparsity"], dtype=getattr(torch, meta["dtype"]),
-                  device=device, meta=meta.get("meta"))
-        dev = rep.device
+        """Rebuild from :meth:`state`'s output, checking structure and shapes."""
+        def bad(why: str) -> ValueError:
+            return ValueError(f"corrupt representation: {why}")
+
+        if not isinstance(meta, dict):
+            raise bad(f"metadata is a {type(meta).__name__}, not a mapping")
+        required = ("m", "seed", "sparsity", "n", "dtype", "row_keys", "row_intervals", "layers")
+        missing = [key for key in required if key not in meta]
+        if missing:
+            raise bad(f"metadata lacks {missing}")
+        if meta["dtype"] not in ("float32", "float64"):
+            raise bad(f"accumulator dtype {meta['dtype']!r}")
+        if not isinstance(meta["layers"], dict):
+            raise bad("the layer table is not a mapping")
+        try:
+            rep = cls(meta["m"], meta["seed"], meta["sparsity"],
+                      dtype=getattr(torch, meta["dtype"]), device=device, meta=meta.get("meta"))
+        except (TypeError, ValueError) as error:
+            raise bad(str(error)) from None
+        m, dev = rep.m, rep.device
         rep.n, rep.row_keys = int(meta["n"]), meta["row_keys"]
         rep.row_intervals = [list(iv) for iv in meta["row_intervals"]]
+        if "sketch_ones" not in tensors or tuple(tensors["sketch_ones"].shape) != (m, 1):
+            raise bad(f"sketch_ones missing or not of shape ({m}, 1)")
         rep.sketch_ones = tensors["sketch_ones"].to(dev)
         for name, info in sorted(meta["layers"].items(), key=lambda kv: kv[1]["index"]):
             prefix = f"layer{info['index']}."
             get = lambda key: tensors[prefix + key].to(dev) if prefix + key in tensors else None  # noqa: E731
-            rep.layers[name] = LayerSketch(
+            layer = LayerSketch(
                 sketch_f=get("sketch_f"), sketch_g=get("sketch_g"), sum_f=get("sum_f"),
-                sum_g=get("sum_g"), trace=get("trace"), sketch_fg=get("sketch_fg"), sum_fg=get("sum_fg"),
-                sketch_psi=get("sketch_psi"), sum_psi=get("sum_psi"),
+                sum_g=get("sum_g"), trace=get("trace"), sketch_fg=get("sketch_fg"),
+                sum_fg=get("sum_fg"), sketch_psi=get("sketch_psi"), sum_psi=get("sum_psi"),
                 mean_psi=get("mean_psi"), feature_shape=tuple(info["feature_shape"]))
+            for key in ("sketch_f", "sketch_g", "sum_f", "sum_g", "trace"):
+                if getattr(layer, key) is None:
+                    raise bad(f"layer {name!r} lacks {key}")
+            df, dg = layer.sketch_f.shape[-1], layer.sketch_g.shape[-1]
+            expected = {"sketch_f": (m, df), "sketch_g": (m, dg), "sum_f": (df,), "sum_g": (dg,),
+                        "trace": (), "sketch_fg": (m, df), "sum_fg": (df,), "mean_psi": (dg, df)}
+            if layer.sketch_psi is not None:
+                expected["sketch_psi"] = (m, layer.sketch_psi.shape[-1])
+                expected["sum_psi"] = (layer.sketch_psi.shape[-1],)
+            for key, shape in expected.items():
+                value = getattr(layer, key)
+                if value is not None and tuple(value.shape) != shape:
+                    raise bad(f"layer {name!r}: {key} has shape {tuple(value.shape)}, "
+                              f"expected {shape}")
+            if (layer.sketch_fg is None) != (layer.sum_fg is None):
+                raise bad(f"layer {name!r}: sketch_fg and sum_fg must come together")
+            rep.layers[name] = layer
         return rep
 
     def __repr__(self) -> str:

@@ -411,7 +411,7 @@ def test_torch_compile_fullgraph():
         sf, sg = ops.countsketch_pair(f, g, 64, 21, 0, 1, deterministic=True)
         return ops.hadamard_gram(sf, sg)
 
-    f = torch.randn(5000, 32, device="cuda")
+    f = torch.randn(5000, 32, device="cuda", dtype=torch.bfloat16)
     g = torch.randn(5000, 10, device="cuda", dtype=torch.bfloat16)
     eager = summary(f, g)
     compiled = torch.compile(summary, fullgraph=True)(f, g)

@@ -194,7 +194,7 @@ def case_operator(case, rows):
     return sketch_operator(case["n"], case["m"], case["seed"], case["offset"], case["sparsity"], rows)
 
 
-# --------------------------------------------------------------------------- 0. the extension
+# --------------------------------------------------------------------------- the extension
 
 def test_native_extension_loaded():
     assert ops.native_available(), f"native extension failed to load: {ops._NATIVE_ERROR!r}"
@@ -203,7 +203,7 @@ def test_native_extension_loaded():
         assert hasattr(torch.ops.nnsim_fast, name)
 
 
-# --------------------------------------------------------------------------- 1. the hash
+# --------------------------------------------------------------------------- the hash
 
 def test_oracle_finaliser_is_splitmix64():
     # Published splitmix64 outputs for state 0: the k-th output is the finaliser of k * GOLDEN,
@@ -276,7 +276,7 @@ def test_sketch_matrix_is_the_assembled_operator():
     np.testing.assert_array_equal(ops.sketch_matrix(4, 12, 5, 9, 2, rows=rows).numpy(), S)
 
 
-# --------------------------------------------------------------------------- 2. ops vs dense algebra
+# --------------------------------------------------------------------------- ops vs dense algebra
 
 @pytest.mark.parametrize("case", SHAPE_CASES, ids=SHAPE_IDS)
 def test_countsketch_matches_dense(case):
@@ -373,7 +373,7 @@ def test_hadamard_gram_matches_dense(shape, dtype):
         assert single.shape == (m, m) and torch.equal(single, out[-1])
 
 
-# --------------------------------------------------------------------------- 3. dtypes
+# --------------------------------------------------------------------------- dtypes
 
 @pytest.mark.parametrize("sparsity", [1, 2])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -420,7 +420,7 @@ def test_half_precision_accumulates_in_float32():
     assert sketch.tolist() == [[4096.0, 4096.0]]
 
 
-# --------------------------------------------------------------------------- 4. strides
+# --------------------------------------------------------------------------- strides
 
 def strided_views(n, d, dtype, generator):
     """Non-contiguous views of n x d data: name -> view."""
@@ -471,7 +471,7 @@ def test_strided_inputs_equal_contiguous(dtype, torch_generator):
     assert torch.equal(ops.hadamard_gram(a2, b), ops.hadamard_gram(a2.contiguous(), b.contiguous()))
 
 
-# --------------------------------------------------------------------------- 5. hash statistics
+# --------------------------------------------------------------------------- hash statistics
 
 @pytest.mark.parametrize("m,sparsity,seed,offset",
                          [(64, 1, 0, 0), (3, 1, 5, 2**33), (96, 2, MAX_SEED, 0),
@@ -536,7 +536,7 @@ def test_seeds_and_blocks_give_different_hashes():
             assert scipy.stats.binomtest(same_sign, n, 0.5).pvalue >= ALPHA, (j, k)
 
 
-# --------------------------------------------------------------------------- 6. thread counts
+# --------------------------------------------------------------------------- thread counts
 
 def run_all_ops(f, g, rows, grad_y, a, b, m, seed, offset, sparsity):
     acc_f = torch.full((m, f.shape[1]), 0.25)
@@ -549,10 +549,9 @@ def run_all_ops(f, g, rows, grad_y, a, b, m, seed, offset, sparsity):
             ops.hadamard_gram(a, b))
 
 
-# Shapes that reach each way the scatter splits work: several row chunks, more threads than
-# buckets (column tiles), and output blocks too large for one cache-sized tile.
-@pytest.mark.parametrize("shape", [(40_000, 40, 24, 200, 2), (3000, 300, 5, 1, 1), (3000, 200, 8, 4096, 4)],
-                         ids=["chunks", "one-bucket", "large-blocks"])
+# Several row chunks; fewer buckets than threads (work split by columns); many buckets and chunks.
+@pytest.mark.parametrize("shape", [(40_000, 40, 24, 200, 2), (3000, 300, 5, 1, 1),
+                                   (20_000, 24, 8, 4096, 4)], ids=["chunks", "one-bucket", "many-buckets"])
 def test_bitwise_identical_for_any_thread_count(shape, restore_num_threads, torch_generator):
     n, df, dg, m, sparsity = shape
     f = torch.randn(n, df, generator=torch_generator)
@@ -572,10 +571,9 @@ def test_bitwise_identical_for_any_thread_count(shape, restore_num_threads, torc
                 assert torch.equal(one, many), (threads, with_rows, index)
 
 
-# --------------------------------------------------------------------------- 7. autograd, opcheck, compile
+# ---------------------------------------------------------------- autograd, opcheck, compile
 
-@pytest.mark.parametrize("with_rows", [False, True])
-@pytest.mark.parametrize("sparsity", [1, 2])
+@pytest.mark.parametrize("sparsity,with_rows", [(2, False), (2, True), (1, True)])
 def test_gradcheck(sparsity, with_rows):
     gen = torch.Generator().manual_seed(3)
     f = torch.randn(7, 3, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -666,7 +664,7 @@ def test_compile_fullgraph_matches_eager(backend, with_rows):
         assert torch.equal(want, have)
 
 
-# --------------------------------------------------------------------------- 8. reference path
+# --------------------------------------------------------------------------- reference path
 
 @pytest.mark.parametrize("sparsity,with_rows", [(1, False), (2, True), (4, False), (4, True)])
 def test_native_equals_reference(sparsity, with_rows):
@@ -676,8 +674,12 @@ def test_native_equals_reference(sparsity, with_rows):
     S, counts = sketch_operator(n, m, seed, offset, sparsity, rows)
     # Small integers with power-of-two scales (s = 1, 4): every sum is exact, so bit equality.
     exact = sparsity != 2
-    f = torch.randint(-8, 9, (n, df), generator=gen).double() if exact else torch.randn(n, df, generator=gen, dtype=torch.float64)
-    g = torch.randint(-8, 9, (n, dg), generator=gen).double() if exact else torch.randn(n, dg, generator=gen, dtype=torch.float64)
+    if exact:
+        f = torch.randint(-8, 9, (n, df), generator=gen).double()
+        g = torch.randint(-8, 9, (n, dg), generator=gen).double()
+    else:
+        f = torch.randn(n, df, generator=gen, dtype=torch.float64)
+        g = torch.randn(n, dg, generator=gen, dtype=torch.float64)
     native = NATIVE.countsketch(f, rows, m, seed, offset, sparsity, False)
     reference = ops.reference_countsketch(f, m, seed, offset, sparsity, rows)
     acc_native = [torch.zeros(m, df, dtype=torch.float64), torch.zeros(m, dg, dtype=torch.float64)]
@@ -687,7 +689,7 @@ def test_native_equals_reference(sparsity, with_rows):
     a, b = torch.randn(2, 40, 5, dtype=torch.float64), torch.randn(2, 40, 2, dtype=torch.float64)
     if exact:
         assert torch.equal(native, reference)
-        assert torch.equal(acc_native[0], acc_reference[0]) and torch.equal(acc_native[1], acc_reference[1])
+        assert all(torch.equal(got, ref) for got, ref in zip(acc_native, acc_reference))
         np.testing.assert_array_equal(native.numpy(), S @ f.numpy())
     for name, got, ref, x in (("countsketch", native, reference, f),
                               ("pair_ f", acc_native[0], acc_reference[0], f),
@@ -737,7 +739,7 @@ def test_fallback_path_matches_native_and_still_validates(monkeypatch):
         ops.countsketch(f[:2], m, seed, rows=torch.tensor([0, -1]))
 
 
-# --------------------------------------------------------------------------- 9. bad input
+# --------------------------------------------------------------------------- bad input
 
 X = torch.randn(6, 3)
 G = torch.randn(6, 2)
@@ -943,7 +945,7 @@ def test_native_ops_reject_bad_input(call, message):
         call()
 
 
-# --------------------------------------------------------------------------- 10. large indices
+# --------------------------------------------------------------------------- large indices
 
 def test_offsets_and_rows_beyond_32_bits_use_the_documented_hash():
     m, seed, sparsity = 24, 2**62 + 11, 2
@@ -962,7 +964,8 @@ def test_offsets_and_rows_beyond_32_bits_use_the_documented_hash():
     # The same global rows through the offset alone, one row at a time.
     for i, row in enumerate(rows.tolist()):
         single = ops.countsketch(x[i:i + 1], m, seed, offset + row, sparsity)
-        np.testing.assert_allclose(single.numpy(), S[:, i:i + 1] @ x[i:i + 1].numpy(), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(single.numpy(), S[:, i:i + 1] @ x[i:i + 1].numpy(), rtol=0,
+                                   atol=1e-12)
     gathered = NATIVE.countsketch_backward(torch.from_numpy(expected), rows, 6, seed, offset, sparsity)
     np.testing.assert_allclose(gathered.numpy(), S.T @ expected, rtol=0, atol=1e-12)
 

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import pytest
 import torch
@@ -290,7 +290,8 @@ def test_merge_with_different_beta_or_layers_raises():
 def test_merge_with_and_without_optional_statistics_raises_both_ways(extra):
     # One side carries the product sketch (or mean embedding), the other does not:
     # the merged statistic would cover only part of the rows, so both orders must refuse.
-    feats, grads = random_data(8, seed=14)
+    # (Equal widths: the product f o g needs features and gradients of one width.)
+    feats, grads = random_data(8, seed=14, widths={"a": (5, 5), "b": (3, 3)})
     with_extra = split_rep(feats, grads, torch.arange(0, 4), **{extra: True})
     without = split_rep(feats, grads, torch.arange(4, 8))
     with pytest.raises(ValueError):

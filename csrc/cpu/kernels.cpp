@@ -28,6 +28,10 @@ namespace {
 // while every column tile streams over the chunk's rows.
 constexpr int64_t kChunkRows = 16384;
 constexpr int64_t kMinTileCols = 16;
+// Largest counting-sort table (bins) per chunk; larger m is binned coarsely.
+constexpr int64_t kMaxBins = 1 << 16;
+// Below this many multiply-adds a call stays on the calling thread.
+constexpr int64_t kSerialWork = 1 << 16;
 constexpr int64_t kGramBlock = 128;
 
 inline int64_t global_row(const int64_t* rows, int64_t offset, int64_t i) {
@@ -41,7 +45,7 @@ void hash_rows(const SketchHash& hash, const int64_t* rows, int64_t offset, int6
                int64_t end, int64_t* bucket, acc_t* value) {
   const int s = hash.sparsity;
   const acc_t scale = static_cast<acc_t>(hash.scale);
-  at::parallel_for(begin, end, 2048, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(begin, end, 16384, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t r = global_row(rows, offset, i);
       for (int j = 0; j < s; ++j) {
@@ -110,35 +114,41 @@ void accumulate_pair(at::Tensor& acc_f, at::Tensor& acc_g, const at::Tensor& f,
   const int64_t m = acc_f.size(0);
   const int64_t d[2] = {f.size(1), g != nullptr ? g->size(1) : 0};
   const int s = hash.sparsity;
-  const Split split = make_split(m, d[0], d[1]);
-  // Chunks hold at least a few rows per bucket so the per-chunk sort pays off.
-  const int64_t chunk = std::min(n, std::max(kChunkRows, 4 * m));
-  std::vector<int64_t> bucket(chunk * s), entry(chunk * s), bucket_start(m + 1);
+  // Entries are sorted by bin, a monotone coarsening of the bucket (bin = bucket
+  // when m is small), so a range of bins is a range of buckets and a stable
+  // sort keeps rows in order inside every bucket.
+  const int64_t bins = std::min(m, kMaxBins);
+  auto bin_of = [&](int64_t b) { return bins == m ? b : b * bins / m; };
+  const int64_t chunk = std::min(n, std::max(kChunkRows, 4 * bins));
+  std::vector<int64_t> bucket(chunk * s), entry(chunk * s), bin_start(bins + 1);
   std::vector<acc_t> value(chunk * s);
   const in_t* x[2] = {f.const_data_ptr<in_t>(), g != nullptr ? g->const_data_ptr<in_t>() : nullptr};
   const int64_t row_stride[2] = {f.stride(0), g != nullptr ? g->stride(0) : 0};
   const int64_t col_stride[2] = {f.stride(1), g != nullptr ? g->stride(1) : 0};
   acc_t* out[2] = {acc_f.mutable_data_ptr<acc_t>(),
                    g != nullptr ? acc_g.mutable_data_ptr<acc_t>() : nullptr};
+  const Split split = make_split(bins, d[0], d[1]);
+  const int64_t tasks = split.ranges * split.col_tiles;
+  // Small calls run on the calling thread: waking the pool costs more than they do.
+  const bool small = n * s * (d[0] + d[1]) < kSerialWork;
 
   for (int64_t begin = 0; begin < n; begin += chunk) {
     const int64_t end = std::min(n, begin + chunk);
     const int64_t entries = (end - begin) * s;
     hash_rows<acc_t>(hash, rows, offset, begin, end, bucket.data(), value.data());
-    // Stable counting sort of the chunk's (row, block) entries by bucket.
-    std::fill(bucket_start.begin(), bucket_start.end(), 0);
-    for (int64_t e = 0; e < entries; ++e) ++bucket_start[bucket[e] + 1];
-    for (int64_t b = 0; b < m; ++b) bucket_start[b + 1] += bucket_start[b];
+    // Stable counting sort of the chunk's (row, block) entries by bin.
+    std::fill(bin_start.begin(), bin_start.end(), 0);
+    for (int64_t e = 0; e < entries; ++e) ++bin_start[bin_of(bucket[e]) + 1];
+    for (int64_t b = 0; b < bins; ++b) bin_start[b + 1] += bin_start[b];
     {
-      std::vector<int64_t> cursor(bucket_start.begin(), bucket_start.end() - 1);
-      for (int64_t e = 0; e < entries; ++e) entry[cursor[bucket[e]]++] = e;
+      std::vector<int64_t> cursor(bin_start.begin(), bin_start.end() - 1);
+      for (int64_t e = 0; e < entries; ++e) entry[cursor[bin_of(bucket[e])]++] = e;
     }
-    const int64_t tasks = split.ranges * split.col_tiles;
-    at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
+    auto run = [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t r = t / split.col_tiles, tile = t % split.col_tiles;
-        const int64_t first = bucket_start[r * m / split.ranges];
-        const int64_t last = bucket_start[(r + 1) * m / split.ranges];
+        const int64_t first = bin_start[r * bins / split.ranges];
+        const int64_t last = bin_start[(r + 1) * bins / split.ranges];
         for (int k = 0; k < 2; ++k) {
           if (x[k] == nullptr) continue;
           const int64_t width = (d[k] + split.col_tiles - 1) / split.col_tiles;
@@ -148,14 +158,23 @@ void accumulate_pair(at::Tensor& acc_f, at::Tensor& acc_g, const at::Tensor& f,
                                 value.data(), out[k], d[k], c0, std::min(width, d[k] - c0));
         }
       }
-    });
+    };
+    if (small) {
+      run(0, tasks);
+    } else {
+      at::parallel_for(0, tasks, 1, run);
+    }
   }
 }
 
 const int64_t* rows_ptr(const std::optional<at::Tensor>& rows, at::Tensor& holder) {
   if (!rows.has_value()) return nullptr;
   holder = rows->contiguous();
-  return holder.const_data_ptr<int64_t>();
+  const int64_t* ids = holder.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < holder.numel(); ++i)
+    TORCH_CHECK_VALUE(ids[i] >= 0, "rows must be non-negative row indices, got ", ids[i],
+                      " at position ", i);
+  return ids;
 }
 
 // acc_g / g may be absent (single-input countsketch): pass g == nullptr.

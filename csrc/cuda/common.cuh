@@ -1,4 +1,4 @@
-// Device helpers shared by the CUDA kernels: element types, 16-byte units,
+// Device utilities shared by the CUDA kernels: element types, 16-byte units,
 // and small integer utilities.  Raw CUDA only (no ATen), see launchers.h.
 #pragma once
 #include <cuda_bf16.h>

@@ -443,7 +443,9 @@ __global__ void __launch_bounds__(kThreads)
   if (privatised) {
     __syncthreads();
     for (int64_t b = threadIdx.x; b < m; b += kThreads) {
-      if (local_counts[b] != 0) atomicAdd(counts + b, static_cast<unsigned long long>(local_counts[b]));
+      if (local_counts[b] != 0) {
+        atomicAdd(counts + b, static_cast<unsigned long long>(local_counts[b]));
+      }
     }
   }
 }
@@ -883,7 +885,8 @@ cudaError_t launch_atomic(const CountSketchArgs& args, cudaStream_t stream) {
     chunks = ceil_div(p.n, p.rows_per_chunk);
     const int64_t blocks = chunks * p.tiles;
     if (blocks > 0x7FFFFFFF) return cudaErrorInvalidValue;
-    scatter_shared_kernel<T, A><<<static_cast<unsigned>(blocks), kThreads, shared_bytes, stream>>>(p);
+    scatter_shared_kernel<T, A>
+        <<<static_cast<unsigned>(blocks), kThreads, shared_bytes, stream>>>(p);
     return cudaGetLastError();
   }
 
@@ -969,7 +972,8 @@ cudaError_t launch_deterministic(const CountSketchArgs& args, void* workspace,
   ep.offset = args.rows.offset;
   ep.hash = args.hash;
 
-  cudaError_t err = cudaMemsetAsync(counts, 0, sizeof(int64_t) * static_cast<size_t>(m + 1), stream);
+  cudaError_t err =
+      cudaMemsetAsync(counts, 0, sizeof(int64_t) * static_cast<size_t>(m + 1), stream);
   if (err != cudaSuccess) return err;
   {
     const bool privatised = m <= kPrivateCountBuckets;

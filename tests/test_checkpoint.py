@@ -1,0 +1,303 @@
+"""Resumable runs: ``sketch_model(..., checkpoint=path, checkpoint_every=K)``.
+
+A crash is a real one: a helper script runs ``sketch_model`` in a subprocess
+whose model sends itself SIGKILL in the forward pass of a chosen batch (or in
+the middle of writing a checkpoint).  The references are runs of the same
+helper in this process without interruption and without any checkpoint, so
+resuming must reproduce them (float64, to 1e-12), the partial checkpoint must
+hold exactly the rows of the batches it claims, and the skipped batches must
+not run through the model again.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+from types import ModuleType
+
+import pytest
+import torch
+
+import nnsim_fast
+from nnsim_fast import Representation, sketch_model
+
+TOL = dict(rtol=1e-12, atol=1e-12)
+SUBPROCESS_TIMEOUT_S = 60
+
+HELPER = textwrap.dedent('''
+    """A deterministic sketching job that can be killed at a chosen batch."""
+    import os
+    import signal
+    import sys
+
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nnsim_fast import IndexedDataset, sketch_model
+
+    N, BATCH = 37, 5           # 8 batches, the last one of 2 rows
+    LAYERS = ["fc1", "fc2"]
+    SETTINGS = dict(layers=LAYERS, m=16, seed=5, dtype=torch.float64, progress=False)
+
+
+    class Net(nn.Module):
+        def __init__(self, kill_at=None):
+            super().__init__()
+            self.fc1 = nn.Linear(6, 8)
+            self.act = nn.Tanh()
+            self.fc2 = nn.Linear(8, 5)
+            self.head = nn.Linear(5, 3)
+            self.calls = 0
+            self.kill_at = kill_at
+
+        def forward(self, x):
+            if self.kill_at is not None and self.calls == self.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            self.calls += 1
+            return self.head(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+    def make_model(kill_at=None):
+        torch.manual_seed(8)
+        return Net(kill_at).double()
+
+
+    def make_loader(indexed=False):
+        gen = torch.Generator().manual_seed(9)
+        x = torch.randn(N, 6, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (N,), generator=gen)
+        if indexed:
+            # A shuffled loader whose order is the same in every process and every call.
+            return DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=BATCH, shuffle=True,
+                              generator=torch.Generator().manual_seed(10))
+        return DataLoader(TensorDataset(x, y), batch_size=BATCH)
+
+
+    def kill_during_save(at_save):
+        """Make the at_save-th checkpoint write half a file, then die."""
+        import safetensors.torch
+        real = safetensors.torch.save_file
+        count = [0]
+
+        def dying_save(tensors, filename, metadata=None):
+            count[0] += 1
+            if count[0] == at_save:
+                real(tensors, filename, metadata=metadata)
+                with open(filename, "r+b") as handle:
+                    handle.truncate(os.path.getsize(filename) // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(tensors, filename, metadata=metadata)
+
+        safetensors.torch.save_file = dying_save
+
+
+    if __name__ == "__main__":
+        torch.set_num_threads(1)
+        checkpoint, out = sys.argv[1], sys.argv[2]
+        kill_at = os.environ.get("SKETCH_KILL_AT_BATCH")
+        if os.environ.get("SKETCH_KILL_AT_SAVE"):
+            kill_during_save(int(os.environ["SKETCH_KILL_AT_SAVE"]))
+        model = make_model(None if kill_at is None else int(kill_at))
+        rep = sketch_model(model, make_loader(), checkpoint=checkpoint, checkpoint_every=2,
+                           **SETTINGS)
+        rep.save(out)
+        with open(out + ".calls", "w") as handle:
+            handle.write(str(model.calls))
+''')
+
+
+@pytest.fixture
+def helper(tmp_path) -> ModuleType:
+    path = tmp_path / "sketch_job.py"
+    path.write_text(HELPER)
+    spec = importlib.util.spec_from_file_location("sketch_job", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.path = path
+    return module
+
+
+def run_helper(helper: ModuleType, checkpoint: pathlib.Path, out: pathlib.Path,
+               **env: str) -> subprocess.CompletedProcess:
+    package_root = pathlib.Path(nnsim_fast.__file__).resolve().parent.parent
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SKETCH_KILL")}
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [str(package_root)] + ([environment["PYTHONPATH"]] if environment.get("PYTHONPATH") else []))
+    environment.update(env)
+    return subprocess.run([sys.executable, str(helper.path), str(checkpoint), str(out)],
+                          env=environment, capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT_S)
+
+
+def reference(helper: ModuleType, **kwargs) -> Representation:
+    """The same job in this process, uninterrupted and without a checkpoint."""
+    return sketch_model(helper.make_model(), helper.make_loader(kwargs.pop("indexed", False)),
+                        **helper.SETTINGS, **kwargs)
+
+
+def assert_same(a: Representation, b: Representation, tol=TOL) -> None:
+    assert (a.n, a.row_keys, a.row_intervals) == (b.n, b.row_keys, b.row_intervals)
+    assert list(a.layers) == list(b.layers)
+    for name in a.layers:
+        mine, theirs = a.layers[name].tensors(), b.layers[name].tensors()
+        assert set(mine) == set(theirs)
+        for key in mine:
+            torch.testing.assert_close(theirs[key], mine[key], **tol)
+    torch.testing.assert_close(b.sketch_ones, a.sketch_ones, **tol)
+
+
+def leftover_temporaries(directory: pathlib.Path) -> list:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
+
+
+# --------------------------------------------------------------------------- crash and resume
+
+def test_killed_run_resumes_to_the_uninterrupted_result(helper, tmp_path):
+    checkpoint, out = tmp_path / "run.ckpt", tmp_path / "result.safetensors"
+    killed = run_helper(helper, checkpoint, out, SKETCH_KILL_AT_BATCH="5")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not out.exists()
+
+    # Checkpoints were due after batches 2 and 4; batch 5 (0-based) never finished.
+    partial = Representation.load(checkpoint)
+    assert partial.meta["progress"]["batches"] == 4
+    assert partial.meta["progress"]["complete"] is False
+    assert partial.n == 4 * helper.BATCH
+    assert_same(reference(helper, max_batches=4), partial)
+    assert leftover_temporaries(tmp_path) == []
+
+    resumed = run_helper(helper, checkpoint, out)
+    assert resumed.returncode == 0, resumed.stderr
+    result = Representation.load(out)
+    assert result.n == helper.N
+    assert_same(reference(helper), result)
+    # Only the 4 batches after the checkpoint went through the model.
+    assert (tmp_path / "result.safetensors.calls").read_text() == "4"
+    final = Representation.load(checkpoint)
+    assert final.meta["progress"] == {**partial.meta["progress"], "batches": 8, "complete": True}
+    assert leftover_temporaries(tmp_path) == []
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(helper, tmp_path):
+    checkpoint, out = tmp_path / "run.ckpt", tmp_path / "result.safetensors"
+    killed = run_helper(helper, checkpoint, out, SKETCH_KILL_AT_SAVE="2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # The second write died half way; the file at the checkpoint path is the first one, whole.
+    survivor = Representation.load(checkpoint)
+    assert survivor.meta["progress"]["batches"] == 2
+    assert_same(reference(helper, max_batches=2), survivor)
+    rep = sketch_model(helper.make_model(), helper.make_loader(), checkpoint=checkpoint,
+                       checkpoint_every=2, **helper.SETTINGS)
+    assert_same(reference(helper), rep)
+
+
+def test_interrupted_shuffled_indexed_run_resumes(helper, tmp_path):
+    checkpoint = tmp_path / "indexed.ckpt"
+
+    class Interrupt(Exception):
+        pass
+
+    model = helper.make_model()
+
+    def stop_at_batch_3(module, inputs):
+        if module.calls == 3:
+            raise Interrupt
+
+    handle = model.register_forward_pre_hook(stop_at_batch_3)
+    with pytest.raises(Interrupt):
+        sketch_model(model, helper.make_loader(indexed=True), checkpoint=checkpoint,
+                     checkpoint_every=1, **helper.SETTINGS)
+    handle.remove()
+    partial = Representation.load(checkpoint)
+    assert partial.n == 3 * helper.BATCH and partial.row_keys == "index"
+    # Resume with another checkpoint interval: the interval is not part of the result.
+    rep = sketch_model(helper.make_model(), helper.make_loader(indexed=True),
+                       checkpoint=checkpoint, checkpoint_every=3, **helper.SETTINGS)
+    expected = reference(helper, indexed=True)
+    assert expected.row_intervals == [[0, helper.N]]
+    assert_same(expected, rep)
+    assert leftover_temporaries(tmp_path) == []
+
+
+def test_complete_checkpoint_returns_without_running_the_model(helper, tmp_path):
+    checkpoint = tmp_path / "done.ckpt"
+    first = sketch_model(helper.make_model(), helper.make_loader(), checkpoint=checkpoint,
+                         **helper.SETTINGS)
+    assert_same(reference(helper), first)
+    assert Representation.load(checkpoint).meta["progress"]["complete"] is True
+    model = helper.make_model()
+    again = sketch_model(model, helper.make_loader(), checkpoint=checkpoint, **helper.SETTINGS)
+    assert model.calls == 0
+    assert_same(first, again, dict(rtol=0, atol=0))
+    assert leftover_temporaries(tmp_path) == []
+
+
+@pytest.mark.parametrize("changes, named", [
+    (dict(m=32, seed=6), "m, seed"),
+    (dict(layers=["fc1"]), "layers"),
+    (dict(dtype=torch.float32), "dtype"),
+    (dict(beta=0.25), "beta"),
+    (dict(max_batches=3), "max_batches"),
+])
+def test_changed_settings_with_an_existing_checkpoint_raise(helper, tmp_path, changes, named):
+    checkpoint = tmp_path / "settings.ckpt"
+    sketch_model(helper.make_model(), helper.make_loader(), checkpoint=checkpoint,
+                 checkpoint_every=4, max_batches=6, **helper.SETTINGS)
+    before = checkpoint.read_bytes()
+    settings = {**helper.SETTINGS, "max_batches": 6, **changes}
+    with pytest.raises(ValueError, match=f"different settings \\({named}\\)"):
+        sketch_model(helper.make_model(), helper.make_loader(), checkpoint=checkpoint,
+                     checkpoint_every=4, **settings)
+    assert checkpoint.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+def test_save_writes_a_temporary_then_renames(tmp_path, monkeypatch):
+    rep = Representation(8, 1, beta=0.5, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    rep.update({"a": torch.randn(5, 3, generator=gen, dtype=torch.float64)},
+               {"a": torch.randn(5, 2, generator=gen, dtype=torch.float64)})
+    path = tmp_path / "rep.safetensors"
+    rep.save(path)
+    before = path.read_bytes()
+    rep.update({"a": torch.ones(2, 3, dtype=torch.float64)}, {"a": torch.ones(2, 2, dtype=torch.float64)})
+
+    renames = []
+
+    def failing_replace(src, dst):
+        renames.append((os.fspath(src), os.fspath(dst)))
+        assert Representation.load(src).n == 7       # the new state is complete before the rename
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk went away"):
+        rep.save(path)
+    monkeypatch.undo()
+    (src, dst), = renames
+    assert dst == str(path) and src != dst
+    assert os.path.dirname(os.path.abspath(src)) == str(tmp_path)   # same file system
+    assert path.read_bytes() == before                            # old file intact
+    assert Representation.load(path).n == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep.safetensors"]
+
+
+# --------------------------------------------------------------------------- arguments
+
+def test_checkpoint_argument_errors(helper, tmp_path):
+    data, model = helper.make_loader(), helper.make_model()
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="checkpoint_every"):
+            sketch_model(model, data, checkpoint=tmp_path / "x.ckpt", checkpoint_every=bad,
+                         **helper.SETTINGS)
+    with pytest.raises(ValueError, match="checkpoint_every needs checkpoint"):
+        sketch_model(model, data, checkpoint_every=2, **helper.SETTINGS)
+    into = Representation(16, 5, beta=0.5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="into"):
+        sketch_model(model, data, checkpoint=tmp_path / "x.ckpt", into=into, **helper.SETTINGS)
+    assert model.calls == 0 and not list(tmp_path.glob("x.ckpt*")) and not leftover_temporaries(tmp_path)

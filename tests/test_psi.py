@@ -1,0 +1,371 @@
+"""Tests of ``kind="psi"``: the sketch of Psi itself, ``K~ = S K S^T`` with ``K = K_f o K_g``.
+
+References, all computed here: per-sample features f and expected gradients g of a small
+float64 MLP with plain autograd (one backward per sample and class, the q-weighted
+average of the per-class cross-entropy gradients, q ∝ p^beta); the exact kernel
+``K = (F F^T) o (G G^T)``; the dense sketch matrix S of ``ops.sketch_matrix``; and the
+TensorSketch written out from its definition (``TS(g f^T)[k] = sum over (i, j) with
+(h_g(i) + h_f(j)) mod D = k of s_g(i) s_f(j) g_i f_j``).  Statistical checks use fixed
+seeds and z-scores at a stated false-alarm rate with standard errors from the
+seed-to-seed spread.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from statistics import NormalDist
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nnsim_fast
+from nnsim_fast import Representation, ops, psi, similarity, sketch_model
+
+F64 = torch.float64
+ALPHA = 1e-4          # false-alarm rate of each statistical test
+BETA = 0.5
+LAYERS = ("0", "2", "3")
+
+
+def z_two_sided(alpha: float, checks: int = 1) -> float:
+    return NormalDist().inv_cdf(1.0 - alpha / (2.0 * checks))
+
+
+def student_t_quantile(p: float, dof: int) -> float:
+    """Quantile of Student's t by the Cornish-Fisher expansion in 1/dof (error O(dof^-3),
+    far below what matters for dof > 100; avoids importing scipy.stats)."""
+    z = NormalDist().inv_cdf(p)
+    return (z + (z ** 3 + z) / (4 * dof)
+            + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * dof ** 2))
+
+
+@pytest.fixture(autouse=True)
+def one_thread(restore_num_threads):
+    # many tiny problems: thread hand-offs would dominate on a shared machine
+    torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------- references
+
+def make_mlp(seed: int, d_in: int = 6, hidden: Tuple[int, int] = (5, 4), classes: int = 3
+             ) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden[0]), nn.Tanh(), nn.Linear(hidden[0], hidden[1]),
+                         nn.Tanh(), nn.Linear(hidden[1], classes)).to(F64)
+
+
+def reference_features_and_gradients(model: nn.Sequential, x: torch.Tensor, beta: float = BETA
+                                     ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (F [N, d], G [N, d])} at the outputs of modules 0, 2 and 3 of ``model``.
+
+    The expected gradient is E_{y ~ q} d CE(logits, y) / d h, taken class by class.
+    """
+    out: Dict[str, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {k: ([], []) for k in LAYERS}
+    for i in range(x.shape[0]):
+        h0 = model[0](x[i:i + 1])
+        h2 = model[2](torch.tanh(h0))
+        h3 = torch.tanh(h2)
+        logits = model[4](h3)
+        p = torch.softmax(logits.detach(), dim=1)[0]
+        q = p ** beta / (p ** beta).sum()
+        expected = [torch.zeros_like(h[0]) for h in (h0, h2, h3)]
+        for y in range(logits.shape[1]):
+            grads = torch.autograd.grad(F.cross_entropy(logits, torch.tensor([y])), [h0, h2, h3],
+                                        retain_graph=True)
+            for acc, grad in zip(expected, grads):
+                acc += q[y] * grad[0]
+        for name, h, g in zip(LAYERS, (h0, h2, h3), expected):
+            out[name][0].append(h.detach()[0])
+            out[name][1].append(g)
+    return {k: (torch.stack(f), torch.stack(g)) for k, (f, g) in out.items()}
+
+
+def exact_kernel(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """K = K_f o K_g, the linear kernel of psi(x) = g f^T."""
+    return (f @ f.T) * (g @ g.T)
+
+
+def reference_tensorsketch(f: torch.Tensor, g: torch.Tensor, width: int, seed: int
+                           ) -> torch.Tensor:
+    """TensorSketch of each g_i f_i^T to ``width`` coordinates, from the definition."""
+    seed_f, seed_g = psi.axis_seeds(seed)
+    bucket_f, sign_f = ops.sketch_hash(f.shape[1], width, seed_f)
+    bucket_g, sign_g = ops.sketch_hash(g.shape[1], width, seed_g)
+    out = torch.zeros(f.shape[0], width, dtype=F64)
+    for i in range(g.shape[1]):
+        for j in range(f.shape[1]):
+            k = int(bucket_g[i, 0] + bucket_f[j, 0]) % width
+            out[:, k] += float(sign_g[i, 0] * sign_f[j, 0]) * g[:, i] * f[:, j]
+    return out
+
+
+def center_data(K: torch.Tensor) -> torch.Tensor:
+    n = K.shape[0]
+    H = torch.eye(n, dtype=F64) - torch.full((n, n), 1.0 / n, dtype=F64)
+    return H @ K @ H
+
+
+@functools.lru_cache(maxsize=None)
+def problem(n: int = 37, seed: int = 0):
+    """Inputs, two models (different init) and their reference f, g per layer."""
+    x = torch.randn(n, 6, generator=torch.Generator().manual_seed(100 + seed), dtype=F64)
+    model_a, model_b = make_mlp(1), make_mlp(2)
+    return (x, model_a, model_b, reference_features_and_gradients(model_a, x),
+            reference_features_and_gradients(model_b, x))
+
+
+def batches(x: torch.Tensor, sizes: Sequence[int]) -> List[torch.Tensor]:
+    out, start = [], 0
+    for size in sizes:
+        out.append(x[start:start + size])
+        start += size
+    assert start == x.shape[0]
+    return out
+
+
+# --------------------------------------------------------------------------- exact psi
+
+@pytest.mark.parametrize("sparsity", [1, 2])
+def test_exact_psi_kernel_is_S_K_St(sparsity):
+    x, model, _, ref, _ = problem()
+    m, seed = 8, 5
+    rep = sketch_model(model, batches(x, [10, 15, 12]), layers=list(LAYERS), m=m, seed=seed,
+                       sparsity=sparsity, dtype=F64, psi=True)
+    S = ops.sketch_matrix(x.shape[0], m, seed, sparsity=sparsity)
+    for name in LAYERS:
+        f, g = ref[name]
+        assert rep.layers[name].sketch_psi.shape == (m, f.shape[1] * g.shape[1])   # exact mode
+        expected = S @ exact_kernel(f, g) @ S.T
+        torch.testing.assert_close(rep.kernel(name, kind="psi"), expected, rtol=1e-10, atol=1e-12)
+        # Algorithm 1 is a different estimator: (S K_f S^T) o (S K_g S^T), not S K S^T
+        algorithm_1 = (S @ f @ f.T @ S.T) * (S @ g @ g.T @ S.T)
+        hadamard = rep.kernel(name, kind="hadamard")
+        torch.testing.assert_close(hadamard, algorithm_1, rtol=1e-10, atol=1e-12)
+        assert float((hadamard - expected).norm()) > 1e-3 * float(expected.norm())
+
+
+def test_psi_data_centering_is_S_HKH_St():
+    x, model, _, ref, _ = problem()
+    m, seed = 8, 9
+    rep = sketch_model(model, batches(x, [20, 17]), layers=list(LAYERS), m=m, seed=seed,
+                       dtype=F64, psi=True)
+    S = ops.sketch_matrix(x.shape[0], m, seed)
+    for name in LAYERS:
+        expected = S @ center_data(exact_kernel(*ref[name])) @ S.T
+        torch.testing.assert_close(rep.kernel(name, kind="psi", centering="data"), expected,
+                                   rtol=1e-10, atol=1e-12)
+        # bucket centring is the m x m double centring of the uncentred sketch
+        H = torch.eye(m, dtype=F64) - 1.0 / m
+        torch.testing.assert_close(rep.kernel(name, kind="psi", centering="buckets"),
+                                   H @ S @ exact_kernel(*ref[name]) @ S.T @ H,
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_similarity_with_kind_psi_is_the_cka_of_sketched_centred_kernels():
+    x, model_a, model_b, ref_a, ref_b = problem()
+    m, seed = 16, 4
+    reps = [sketch_model(model, [x], layers=list(LAYERS), m=m, seed=seed, dtype=F64, psi=True)
+            for model in (model_a, model_b)]
+    matrix, names_a, names_b = similarity(reps[0], reps[1], kind="psi", centering="data")
+    assert (names_a, names_b) == (list(LAYERS), list(LAYERS))
+    assert matrix.shape == (3, 3) and matrix.dtype == F64
+    S = ops.sketch_matrix(x.shape[0], m, seed)
+    for i, la in enumerate(LAYERS):
+        Ka = S @ center_data(exact_kernel(*ref_a[la])) @ S.T
+        for j, lb in enumerate(LAYERS):
+            Kb = S @ center_data(exact_kernel(*ref_b[lb])) @ S.T
+            by_hand = float((Ka * Kb).sum() / (Ka.norm() * Kb.norm()))
+            assert float(matrix[i, j]) == pytest.approx(by_hand, rel=1e-9, abs=1e-12)
+    # a single layer pair through the public index
+    single = nnsim_fast.cka(reps[0].kernel("2", kind="psi", centering="data"),
+                            reps[1].kernel("2", kind="psi", centering="data"), centered=False)
+    assert float(matrix[1, 1]) == pytest.approx(single, rel=1e-12)
+
+
+def test_psi_kind_requires_psi_statistics():
+    x, model, _, _, _ = problem()
+    plain = sketch_model(model, [x], layers=["2"], m=8, seed=0, dtype=F64)
+    assert plain.layers["2"].sketch_psi is None
+    with pytest.raises(ValueError, match="psi=True"):
+        plain.kernel("2", kind="psi")
+    with pytest.raises(ValueError, match="psi=True"):
+        similarity(plain, plain, kind="psi")
+    with pytest.raises(ValueError, match="kind"):
+        plain.kernel("2", kind="psi_exact")
+
+
+def test_save_load_and_merge_keep_sketch_psi(tmp_path):
+    x, model, _, ref, _ = problem()
+    m, seed, n = 8, 3, x.shape[0]
+    index = torch.arange(n)
+    data = [(index[:20], x[:20], torch.zeros(20, dtype=torch.int64)),
+            (index[20:], x[20:], torch.zeros(n - 20, dtype=torch.int64))]
+    full = sketch_model(model, data, layers=list(LAYERS), m=m, seed=seed, dtype=F64, psi=True)
+    first = sketch_model(model, data[:1], layers=list(LAYERS), m=m, seed=seed, dtype=F64, psi=True)
+    second = sketch_model(model, data[1:], layers=list(LAYERS), m=m, seed=seed, dtype=F64, psi=True)
+    merged = first.merge(second)
+    for name in LAYERS:
+        torch.testing.assert_close(merged.layers[name].sketch_psi, full.layers[name].sketch_psi,
+                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(merged.layers[name].sum_psi, full.layers[name].sum_psi,
+                                   rtol=1e-12, atol=1e-12)
+    # tensorsketched layers survive too (another width)
+    ts = sketch_model(model, data, layers=list(LAYERS), m=m, seed=seed, dtype=F64, psi=True,
+                      psi_budget=1, psi_dim=16)
+    for rep in (full, ts):
+        path = tmp_path / "rep.safetensors"
+        rep.save(path)
+        loaded = Representation.load(path)
+        for name in LAYERS:
+            torch.testing.assert_close(loaded.layers[name].sketch_psi, rep.layers[name].sketch_psi,
+                                       rtol=0, atol=0)
+            torch.testing.assert_close(loaded.layers[name].sum_psi, rep.layers[name].sum_psi,
+                                       rtol=0, atol=0)
+            for centering in ("none", "data"):
+                torch.testing.assert_close(loaded.kernel(name, "psi", centering),
+                                           rep.kernel(name, "psi", centering), rtol=0, atol=0)
+    assert ts.layers["2"].sketch_psi.shape == (m, 16)
+    # the exact sums are the sums of psi_i = vec(g_i f_i^T), g-major
+    f, g = ref["2"]
+    expected_sum = (g.unsqueeze(2) * f.unsqueeze(1)).sum(0).reshape(-1)
+    torch.testing.assert_close(full.layers["2"].sum_psi, expected_sum, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- TensorSketch
+
+def random_rows(n: int, df: int, dg: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, df, generator=gen, dtype=F64) + 0.3,
+            torch.randn(n, dg, generator=gen, dtype=F64))
+
+
+def test_psi_features_exact_and_tensorsketch_match_their_definitions():
+    f, g = random_rows(9, 7, 5, seed=1)
+    exact = psi.psi_features(f, g, 35, seed=0)
+    torch.testing.assert_close(exact, torch.einsum("bi,bj->bij", g, f).reshape(9, 35),
+                               rtol=0, atol=0)
+    for width, seed in ((16, 0), (64, 11), (37, 2)):
+        torch.testing.assert_close(psi.psi_features(f, g, width, seed),
+                                   reference_tensorsketch(f, g, width, seed),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_tensorsketch_inner_products_are_unbiased():
+    """mean over T seeds of <TS(psi_a), TS(psi_b)> -> <psi_a, psi_b> = (f_a.f_b)(g_a.g_b).
+
+    For each of the 10 pairs (a <= b) of 4 rows: |mean - exact| <= z * sd / sqrt(T), sd the
+    sample sd over seeds, z two-sided at ALPHA with a union bound over the pairs."""
+    f, g = random_rows(4, 7, 5, seed=2)
+    width, trials = 16, 400
+    grams = torch.stack([(lambda t: t @ t.T)(psi.psi_features(f, g, width, seed))
+                         for seed in range(trials)])
+    exact = exact_kernel(f, g)
+    rows, cols = torch.triu_indices(4, 4)
+    mean = grams.mean(0)[rows, cols]
+    se = grams.std(0)[rows, cols] / math.sqrt(trials)
+    z = z_two_sided(ALPHA, rows.numel())
+    assert bool(((mean - exact[rows, cols]).abs() <= z * se).all()), (mean, exact[rows, cols], se)
+    # and not trivially: each draw really is noisy at this width
+    assert float(grams.std(0).min()) > 1e-3 * float(exact.abs().max())
+
+
+def test_tensorsketch_psi_kernel_approaches_S_K_St_as_psi_dim_grows():
+    """K~_TS = S Psi T^T T Psi^T S^T with E[T^T T] = I: its mean-square distance to
+    S K S^T is sum of Var<T u_a, T u_b> over the rows u of S Psi, which is O(1/D).
+
+    Over D = 16, 64, 256, 1024 and T seeds (each seed fixes S and the TensorSketch), fit
+    the slope of log mean-square relative error against log D; by the delta method
+    Var(log mean) = Var(e^2) / (T mean^2), and the least-squares slope's se follows.  The
+    slope must be -1 within z se; the error also has to fall at every step."""
+    f, g = random_rows(40, 8, 6, seed=3)
+    K = exact_kernel(f, g)
+    m, trials, widths = 8, 60, (16, 64, 256, 1024)
+    reference = {}
+    log_mse, var_log = [], []
+    for width in widths:
+        errors = []
+        for seed in range(trials):
+            if seed not in reference:
+                S = ops.sketch_matrix(40, m, seed)
+                reference[seed] = S @ K @ S.T
+            rep = Representation(m, seed, dtype=F64)
+            rep.update({"l": f}, {"l": g}, psi=True, psi_budget=1, psi_dim=width)
+            assert rep.layers["l"].sketch_psi.shape == (m, width)
+            ref = reference[seed]
+            errors.append(float((rep.kernel("l", "psi") - ref).square().sum() / ref.square().sum()))
+        e = np.array(errors)
+        log_mse.append(math.log(e.mean()))
+        var_log.append(e.var(ddof=1) / (trials * e.mean() ** 2))
+    x = np.log(np.array(widths, dtype=np.float64))
+    w = (x - x.mean()) / ((x - x.mean()) ** 2).sum()
+    slope = float((w * np.array(log_mse)).sum())
+    se = math.sqrt(float((w ** 2 * np.array(var_log)).sum()))
+    assert abs(slope + 1.0) <= z_two_sided(ALPHA) * se, (slope, se, log_mse)
+    assert all(b < a for a, b in zip(log_mse, log_mse[1:])), log_mse
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_tensorsketch_representation_streams_in_slices(monkeypatch, keyed):
+    """Batches are split into row slices when psi is wide; rows of every slice keep
+    their global keys (stream offset or dataset index), so the result equals the dense
+    reference S TS(Psi) whatever the slicing and batch order."""
+    f, g = random_rows(23, 5, 4, seed=4)
+    m, seed, width = 8, 6, 12
+    expected = ops.sketch_matrix(23, m, seed) @ reference_tensorsketch(f, g, width, seed)
+    monkeypatch.setattr(psi, "_ROW_BUDGET", 3 * width)        # three rows per slice
+    rep = Representation(m, seed, dtype=F64)
+    order = torch.randperm(23, generator=torch.Generator().manual_seed(0)) if keyed \
+        else torch.arange(23)
+    for chunk in order.split(10):
+        rep.update({"l": f[chunk]}, {"l": g[chunk]}, rows=chunk if keyed else None, psi=True,
+                   psi_budget=1, psi_dim=width)
+    torch.testing.assert_close(rep.layers["l"].sketch_psi, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rep.layers["l"].sum_psi,
+                               reference_tensorsketch(f, g, width, seed).sum(0),
+                               rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- accuracy
+
+def test_psi_cka_error_is_smaller_than_algorithm_1():
+    """Sketched CKA of two MLPs (different init) at one layer against the exact centred CKA
+    of K = K_f o K_g, over T sketch seeds (the same seeds for every estimator, so errors
+    are paired).  psi uses centering="data"; Algorithm 1 (kind="hadamard") is taken with
+    the bucket centring of the paper's code (the library default) and with data centring.
+
+    * seed-to-seed sd: psi's is smaller than either hadamard's.  Pitman-Morgan test for
+      paired variances: Var(h) > Var(p) iff corr(h + p, h - p) > 0, and
+      t = r sqrt((T - 2) / (1 - r^2)) is Student-t with T - 2 degrees of freedom;
+    * error including bias: psi's mean-square error is smaller than the paper's default
+      (hadamard, buckets): the paired d_t = err_h^2 - err_p^2 has mean > t se(d).
+    Critical values are one-sided at ALPHA split over the three comparisons.
+    """
+    n, m, trials, layer = 200, 32, 150, "2"
+    x = torch.randn(n, 6, generator=torch.Generator().manual_seed(7), dtype=F64)
+    models = [make_mlp(11, hidden=(8, 6), classes=4), make_mlp(12, hidden=(8, 6), classes=4)]
+    factors = [reference_features_and_gradients(model, x)[layer] for model in models]
+    exact = nnsim_fast.cka(*[exact_kernel(f, g) for f, g in factors])
+    estimators = (("psi", "data"), ("hadamard", "buckets"), ("hadamard", "data"))
+    errors: Dict[Tuple[str, str], List[float]] = {key: [] for key in estimators}
+    for seed in range(trials):
+        reps = []
+        for f, g in factors:
+            rep = Representation(m, seed, dtype=F64)
+            rep.update({layer: f}, {layer: g}, psi=True)
+            reps.append(rep)
+        for kind, centering in estimators:
+            value = float(similarity(reps[0], reps[1], kind=kind, centering=centering)[0][0, 0])
+            errors[(kind, centering)].append(value - exact)
+    critical = student_t_quantile(1 - ALPHA / 3, trials - 2)
+    p = np.array(errors[("psi", "data")])
+    for key in estimators[1:]:
+        h = np.array(errors[key])
+        r = np.corrcoef(h + p, h - p)[0, 1]
+        t_stat = r * math.sqrt((trials - 2) / (1 - r * r))
+        assert t_stat > critical, (key, h.std(), p.std(), t_stat)
+    d = np.array(errors[("hadamard", "buckets")]) ** 2 - p ** 2
+    assert d.mean() > student_t_quantile(1 - ALPHA / 3, trials - 1) * d.std(ddof=1) / math.sqrt(trials)
