@@ -78,14 +78,14 @@ class DemoSettings:
     n_train: Optional[int] = None
     n_test: Optional[int] = None
     task2vec_samples: Optional[int] = 300
-    probe_iterations: int = 300
+    probe_iterations: int = 100
 
 
 def settings_for(mode: str) -> DemoSettings:
     """The settings of ``mode``: ``"full"`` (5 models per task, m = 512, the paper's m),
     ``"quick"`` (3 per task, m = 128, same training so cached weights are shared) or ``"tiny"``
     (2 per task on small subsets with a narrow network: a smoke test of the pipeline)."""
-    train = TrainConfig(epochs=8, batch_size=64, lr=3e-3, weight_decay=1e-4,
+    train = TrainConfig(epochs=6, batch_size=64, lr=3e-3, weight_decay=1e-4,
                         channels=(16, 16, 32, 32))
     if mode == "full":
         return DemoSettings("full", 5, 512, train)
@@ -93,7 +93,7 @@ def settings_for(mode: str) -> DemoSettings:
         return DemoSettings("quick", 3, 128, train)
     if mode == "tiny":
         return DemoSettings("tiny", 2, 32, replace(train, epochs=3, channels=(4, 4, 8, 8)),
-                            n_train=240, n_test=96, task2vec_samples=48, probe_iterations=50)
+                            n_train=240, n_test=96, task2vec_samples=48, probe_iterations=30)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
@@ -210,7 +210,7 @@ def _pooled_features(model: SmallResNet, x: torch.Tensor) -> Dict[str, torch.Ten
 
 def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
                           test_y: torch.Tensor, num_classes: int, *, one_epoch: bool,
-                          seed: int = 0, iterations: int = 300,
+                          seed: int = 0, iterations: int = 100,
                           weight_decay: float = 1e-4) -> float:
     """Test accuracy in [0, 1] of a logistic-regression probe on fixed features ``[N, d]``.
 

@@ -117,7 +117,7 @@ class TrainConfig:
     model's seed, cross-entropy loss.
     """
 
-    epochs: int = 12
+    epochs: int = 6
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4

@@ -214,10 +214,14 @@ class Representation:
                                  f"({f.shape[1]}, {g.shape[1]})")
             ops.countsketch_pair_(layer.sketch_f, layer.sketch_g, f, g, self.seed, offset,
                                   self.sparsity, rows=rows)
+            # Exact statistics in float64, reduced without materialising float64 copies.
+            layer.sum_f += f.sum(0, dtype=torch.float64)
+            layer.sum_g += g.sum(0, dtype=torch.float64)
+            layer.trace += (torch.linalg.vector_norm(f, dim=1, dtype=torch.float64).square() *
+                            torch.linalg.vector_norm(g, dim=1, dtype=torch.float64).square()).sum()
+            if layer.sketch_fg is None and layer.mean_psi is None and layer.sketch_psi is None:
+                continue
             f64, g64 = f.to(torch.float64), g.to(torch.float64)
-            layer.sum_f += f64.sum(0)
-            layer.sum_g += g64.sum(0)
-            layer.trace += (f64.square().sum(1) * g64.square().sum(1)).sum()
             if layer.sketch_fg is not None:
                 fg64 = f64 * g64
                 layer.sum_fg += fg64.sum(0)

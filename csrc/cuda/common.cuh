@@ -15,7 +15,9 @@ namespace nnsim {
 namespace cuda {
 namespace detail {
 
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 // Element traits.  A "unit" is the 16 bytes one vector load moves; kPerUnit
 // elements of T.  Acc is the accumulation type the contract prescribes
