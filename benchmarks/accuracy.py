@@ -44,21 +44,21 @@ try:
 except ImportError:  # a checkout that is not installed
     sys.path.insert(0, ROOT)
     import nnsim_fast
-from nnsim_fast import Representation, bench, similarity, sketch_model
+from nnsim_fast import Representation, bench, psi, similarity, sketch_model
 
 BETA = 0.5
-#: psi is kept exactly while m * d_f * d_g is at most this (all MLP layers and the logits);
-#: the CNN's flattened feature maps (d_f d_g = 512^2 and 256^2) go through a TensorSketch.
-PSI_BUDGET = 1 << 22
-PSI_DIM = 4096
+#: psi settings per architecture: the MLP's psi (d_f d_g <= 32^2) is kept exactly at every
+#: m (the library default budget); for the CNN the budget sends the flattened feature maps
+#: (d_f d_g = 256^2 and 128^2) through a TensorSketch of width 1024, while its logits
+#: (10^2) stay exact.
+PSI_SETTINGS = {"mlp": {"psi_budget": None, "psi_dim": None},
+                "cnn": {"psi_budget": 1 << 18, "psi_dim": 1024}}
 #: (kind, centering) of every estimator, with a label; the paper's is hadamard + buckets.
 ESTIMATORS: Tuple[Tuple[str, str, str], ...] = (
     ("feature", "data", "feature"),
-    ("feature", "buckets", "feature, buckets"),
     ("hadamard", "buckets", "hadamard (paper)"),
     ("hadamard", "data", "hadamard, data"),
     ("psi", "data", "psi"),
-    ("psi", "buckets", "psi, buckets"),
 )
 PAPER = "hadamard (paper)"
 OURS = "psi"
@@ -81,13 +81,13 @@ def load_data(seed: int = 0) -> Dict[str, torch.Tensor]:
 def make_model(arch: str) -> Tuple[nn.Module, List[str]]:
     """The network and the names of its probed layers (two hidden blocks and the logits)."""
     if arch == "mlp":
-        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32),
-                              nn.ReLU(), nn.Linear(32, 10))
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16),
+                              nn.ReLU(), nn.Linear(16, 10))
         return model, ["2", "4", "5"]
     if arch == "cnn":
-        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-                              nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-                              nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU(),
+                              nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
         return model, ["1", "3", "5"]
     raise ValueError(f"arch must be 'mlp' or 'cnn', got {arch!r}")
 
@@ -159,12 +159,13 @@ def exact_cka(feats: Sequence[Dict[str, torch.Tensor]], grads: Sequence[Dict[str
     return out
 
 
-def sketched_cka(feats, grads, layers: Sequence[str], m: int, seed: int) -> Dict[str, List[float]]:
+def sketched_cka(feats, grads, layers: Sequence[str], m: int, seed: int,
+                 psi_settings: Dict[str, Optional[int]]) -> Dict[str, List[float]]:
     """Sketched CKA of the two networks at each layer, for every estimator."""
     reps = []
     for f, g in zip(feats, grads):
         rep = Representation(m, seed, beta=BETA, dtype=torch.float64)
-        rep.update(f, g, psi=True, psi_budget=PSI_BUDGET, psi_dim=PSI_DIM)
+        rep.update(f, g, psi=True, **psi_settings)
         reps.append(rep)
     out = {}
     for kind, centering, label in ESTIMATORS:
@@ -207,12 +208,12 @@ def run(quick: bool, seeds: int, epochs: Optional[int], progress: bool = True) -
     start = time.perf_counter()
     archs = ["mlp"] if quick else ["mlp", "cnn"]
     sizes = [64, 256] if quick else [64, 128, 256, 512, 1024]
-    epochs = epochs if epochs is not None else (8 if quick else 25)
+    epochs = epochs if epochs is not None else (8 if quick else 15)
     data = load_data()
     x = data["x"]
     results: Dict[str, object] = {
         "host": bench.host_info(), "quick": quick, "sizes": sizes, "seeds": seeds,
-        "n": int(x.shape[0]), "beta": BETA, "psi_budget": PSI_BUDGET, "psi_dim": PSI_DIM,
+        "n": int(x.shape[0]), "beta": BETA, "psi_settings": PSI_SETTINGS,
         "estimators": [{"label": label, "kind": kind, "centering": centering}
                        for kind, centering, label in ESTIMATORS],
         "networks": {}, "pairs": []}
@@ -227,18 +228,21 @@ def run(quick: bool, seeds: int, epochs: Optional[int], progress: bool = True) -
         exact = exact_cka(feats, grads, layers)
         widths = {name: [int(feats[0][name].shape[1]), int(grads[0][name].shape[1])]
                   for name in layers}
+        settings = PSI_SETTINGS[arch]
+        budget = settings["psi_budget"] or psi.DEFAULT_PSI_BUDGET
+        dim = settings["psi_dim"] or psi.DEFAULT_PSI_DIM
         results["networks"][arch] = {
             "test_accuracy": [acc for _, _, acc in trained], "epochs": epochs,
             "layers": layers, "widths": widths,
-            "psi_mode": {name: {str(m): ("exact" if m * d[0] * d[1] <= PSI_BUDGET else
-                                         f"tensorsketch {PSI_DIM}") for m in sizes}
-                         for name, d in widths.items()},
+            "psi_mode": {name: {str(m): ("exact" if psi.psi_width(d[0], d[1], m, budget, dim)
+                                         == d[0] * d[1] else f"tensorsketch {dim}")
+                                for m in sizes} for name, d in widths.items()},
             "sketch_model_consistency": consistency}
         sketched: Dict[int, List[Dict[str, List[float]]]] = {}
         for m in sizes:
             sketched[m] = []
             for seed in range(seeds):
-                sketched[m].append(sketched_cka(feats, grads, layers, m, seed))
+                sketched[m].append(sketched_cka(feats, grads, layers, m, seed, settings))
             if progress:
                 print(f"  {arch} m={m}: {seeds} seeds done ({time.perf_counter() - start:.0f} s)",
                       file=sys.stderr)

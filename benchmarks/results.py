@@ -48,6 +48,23 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
+def code_version() -> Dict[str, object]:
+    """The checkout's commit and whether the native sources differ from it (None: no git)."""
+    import subprocess
+
+    def git(*args: str) -> Optional[str]:
+        try:
+            done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    changed = git("status", "--porcelain", "--", "csrc")
+    return {"commit": commit, "native_sources_modified": bool(changed) if commit else None}
+
+
 def _sizes_section(results: Dict[str, object]) -> str:
     config = results["config"]
     sketch = ", ".join(f"({bench.count_text(n)}, {d}, {m})" for n, d, m in config["sizes"])
@@ -67,6 +84,19 @@ def _sizes_section(results: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def _build_text(results: Dict[str, object]) -> str:
+    parts = []
+    digest = results["host"].get("native_library_sha256")
+    if digest:
+        parts.append(f"library sha256 {digest}")
+    code = results.get("code") or {}
+    if code.get("commit"):
+        parts.append(f"commit {code['commit']}" + (
+            " with uncommitted changes under csrc/" if code.get("native_sources_modified")
+            else ""))
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def _host_section(results: Dict[str, object]) -> str:
     host = results["host"]
     lines = [
@@ -75,7 +105,8 @@ def _host_section(results: Dict[str, object]) -> str:
         f"- torch {host['torch_version']} ({host['torch_threads']} threads, MKL "
         f"{'yes' if host['mkl'] else 'no'}), numpy {host['numpy_version']}, scipy "
         f"{host['scipy_version']}, Python {host['python_version']}.",
-        f"- Native ops loaded: {'yes' if host['native_ops'] else 'no (pure-PyTorch reference)'}.",
+        f"- Native ops loaded: {'yes' if host['native_ops'] else 'no (pure-PyTorch reference)'}"
+        f"{_build_text(results)}.",
         f"- Load average (1/5/15 min) {bench.load_text(host.get('load_average'))} at the "
         f"start, {bench.load_text(results.get('load_average_after'))} at the end "
         f"(a load above the core count means other work shared the cores).",
@@ -151,6 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    progress=not args.no_progress)
     command = command_line(args)
     results["command"] = command
+    results["code"] = code_version()
     results["targets"] = bench.evaluate_targets(results)
     report = render(results, command)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -192,6 +192,15 @@ def run_child(mode: str, n: int, args: argparse.Namespace) -> Dict[str, object]:
     return result
 
 
+def n_text(n: int) -> str:
+    """``4·10^6`` for one significant digit times a power of ten (from 10^3), else digits."""
+    exponent = len(str(n)) - 1
+    lead, rest = divmod(n, 10 ** exponent)
+    if exponent >= 3 and rest == 0:
+        return f"10^{exponent}" if lead == 1 else f"{lead}·10^{exponent}"
+    return f"{n:,d}"
+
+
 def spread(values: Sequence[float]) -> float:
     """Largest relative distance from the first value."""
     return max(abs(v - values[0]) / values[0] for v in values)
@@ -238,7 +247,7 @@ def markdown(results: Dict[str, object]) -> str:
     bare = {r["n"]: r for r in results["runs"] if r["mode"] == "bare" and "error" not in r}
     for r in results["runs"]:
         if "error" in r:
-            lines.append(f"| {r['mode']} | {bench.count_text(r['n'])} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['mode']} | {n_text(r['n'])} | failed: {r['error']} | | | | | |")
             continue
         ratio = (f"{r['wall_s'] / bare[r['n']]['wall_s']:.2f}" if r["mode"] != "bare" and r["n"] in bare
                  else "—")
@@ -246,13 +255,13 @@ def markdown(results: Dict[str, object]) -> str:
                   else f"{(r['rss_after_loop_bytes'] - r['rss_before_loop_bytes']) / MIB:+.1f}")
         tenths = r["segment_samples_per_s"]
         uneven = f"{min(tenths) / max(tenths):.2f}" if tenths else "—"
-        lines.append(f"| {r['mode']} | {bench.count_text(r['n'])} | {r['wall_s']:.1f} | "
+        lines.append(f"| {r['mode']} | {n_text(r['n'])} | {r['wall_s']:.1f} | "
                      f"{r['samples_per_s']:,.0f} | {ratio} | {r['peak_rss_bytes'] / MIB:.0f} | "
                      f"{growth} | {uneven} |")
     lines += ["", "## Verdicts", ""]
     for v in results["verdicts"]:
         lines.append(
-            f"- `{v['mode']}`, N {bench.count_text(v['n_smallest'])} -> {bench.count_text(v['n_largest'])}: "
+            f"- `{v['mode']}`, N {n_text(v['n_smallest'])} -> {n_text(v['n_largest'])}: "
             f"peak RSS changes by {100 * v['peak_rss_change']:+.1f}% "
             f"({'flat' if v['memory_flat'] else 'NOT flat'}, limit ±{100 * MEMORY_FLAT:.0f}%); "
             f"samples/s spread {100 * v['throughput_spread']:.1f}% "

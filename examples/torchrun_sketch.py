@@ -7,7 +7,7 @@ the sketches are summed with ``torch.distributed.all_reduce`` and every rank
 ends with the same representation; rank 0 saves it.  gloo is used on CPU and
 NCCL when CUDA is available (one GPU per process, chosen by ``LOCAL_RANK``).
 With ``--check``, rank 0 also sketches the whole dataset in one process and
-prints the largest difference (float64: rounding only).  With
+prints the largest difference (rounding only).  With
 ``--checkpoint PATH`` an interrupted run, started again with the same command,
 resumes where each rank's last checkpoint left off.
 
@@ -56,10 +56,10 @@ def build_dataset(n: int) -> TensorDataset:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=10_001, help="dataset size")
-    parser.add_argument("--batch", type=int, default=128, help="batch size per process")
-    parser.add_argument("--m", type=int, default=512, help="sketch buckets")
-    parser.add_argument("--out", default="representation.safetensors")
+    parser.add_argument("--samples", type=int, default=10_001, help="dataset size")
+    parser.add_argument("--batch-size", type=int, default=128, help="per process")
+    parser.add_argument("--buckets", type=int, default=512, help="sketch buckets (m)")
+    parser.add_argument("--output", default="representation.safetensors")
     parser.add_argument("--checkpoint", default=None, help="resumable run: checkpoint path")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="batches")
     parser.add_argument("--check", action="store_true",
@@ -75,28 +75,32 @@ def main() -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
 
     model = build_model().to(device)
-    dataset = build_dataset(args.n)
+    dataset = build_dataset(args.samples)
     # shuffle=True is fine: rows are keyed by dataset index, so the order does not matter,
     # and the sampler's padding (n not divisible by the world size) is counted once.
     sampler = DistributedSampler(dataset, shuffle=True, seed=0)
-    loader = DataLoader(dataset, batch_size=args.batch, sampler=sampler)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler)
     checkpoint_every = args.checkpoint_every if args.checkpoint else None
-    rep = sketch_model(model, loader, layers=LAYERS, m=args.m, dtype=torch.float64,
+    rep = sketch_model(model, loader, layers=LAYERS, m=args.buckets, dtype=torch.float64,
                        distributed=True, checkpoint=args.checkpoint,
                        checkpoint_every=checkpoint_every, progress=rank == 0)
 
     if rank == 0:
         print(f"{world} processes ({'nccl' if use_cuda else 'gloo'}): {rep}")
-        rep.save(args.out)
-        print(f"saved to {args.out}")
+        rep.save(args.output)
+        print(f"saved to {args.output}")
         if args.check:
-            single = sketch_model(model, DataLoader(IndexedDataset(dataset), batch_size=args.batch),
-                                  layers=LAYERS, m=args.m, dtype=torch.float64, progress=False)
+            single = sketch_model(model, DataLoader(IndexedDataset(dataset), batch_size=args.batch_size),
+                                  layers=LAYERS, m=args.buckets, dtype=torch.float64, progress=False)
             worst = max(float((rep.layers[name].sketch_f - single.layers[name].sketch_f).abs().max() /
                               single.layers[name].sketch_f.abs().max()) for name in LAYERS)
-            print(f"one process: n={single.n}; distributed: n={rep.n}; "
-                  f"largest relative difference of the sketches: {worst:.1e}")
-            if single.n != rep.n or worst > 1e-10:
+            # The accumulators are float64, but the model runs in its own precision, and a
+            # float32 matrix product may round a row differently depending on which rows
+            # share its batch: allow a few hundred units of the model's rounding.
+            allowed = 100 * torch.finfo(next(model.parameters()).dtype).eps
+            print(f"one process: n={single.n}; distributed: n={rep.n}; largest relative "
+                  f"difference of the sketches: {worst:.1e} (allowed {allowed:.1e})")
+            if single.n != rep.n or worst > allowed:
                 raise SystemExit("the distributed sketch differs from the one-process sketch")
     dist.barrier()
     dist.destroy_process_group()

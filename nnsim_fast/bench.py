@@ -44,7 +44,8 @@ from . import ops
 __all__ = [
     "FULL_SKETCH_SIZES", "QUICK_SKETCH_SIZES", "FULL_GRAM_SIZES", "QUICK_GRAM_SIZES",
     "SKETCH_BASELINES", "QUICK_BASELINES", "TARGET_SKETCH_SIZE",
-    "host_info", "measure_machine", "csr_sketch", "index_add_sketch", "scatter_add_sketch", "bench_sketch", "bench_gram", "bench_scaling",
+    "host_info", "measure_machine", "time_round_robin", "csr_sketch", "index_add_sketch",
+    "scatter_add_sketch", "bench_sketch", "bench_gram", "bench_scaling",
     "run_benchmarks", "evaluate_targets", "format_table", "format_machine",
     "format_sketch_table", "format_gram_table", "format_scaling_table", "format_targets",
     "count_text", "load_text", "write_json", "build_parser", "main",
@@ -122,8 +123,21 @@ def _load_average() -> Optional[List[float]]:
         return None
 
 
+def _native_library_digest() -> Optional[str]:
+    """Short SHA-256 of the loaded extension file: ties the numbers to one kernel build."""
+    if not ops.native_available():
+        return None
+    import hashlib
+    try:
+        with open(ops._C.__file__, "rb") as handle:
+            return hashlib.sha256(handle.read()).hexdigest()[:16]
+    except (AttributeError, OSError):
+        return None
+
+
 def host_info() -> Dict[str, object]:
-    """What the numbers were measured on: CPU model, cores, memory, versions, date (UTC)."""
+    """What the numbers were measured on: CPU model, cores, memory, versions, date (UTC),
+    load average, and a digest of the native library file (which kernel build ran)."""
     try:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -151,6 +165,7 @@ def host_info() -> Dict[str, object]:
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "native_ops": ops.native_available(),
+        "native_library_sha256": _native_library_digest(),
         "load_average": _load_average(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -670,7 +685,7 @@ def evaluate_targets(results: Dict[str, object]) -> List[Dict[str, object]]:
     if gram_rows:
         worst = min(gram_rows, key=lambda r: r["ratio"])
         slower = [r for r in gram_rows if r["ratio"] < 1.0]
-        gram["measured"] = (f"lowest ratio {worst['ratio']:.2f} at B={worst['B']}, "
+        gram["measured"] = (f"lowest ratio {worst['ratio']:.3f} at B={worst['B']}, "
                             f"m={worst['m']}, d={worst['d']} (sample spread "
                             f"{_spread(worst['methods']['ours'])} / "
                             f"{_spread(worst['methods']['bmm_mul'])}); slower at {len(slower)} "
@@ -730,9 +745,9 @@ def format_machine(results: Dict[str, object]) -> str:
             f"load average {load_text(host.get('load_average'))} at the start, "
             f"{load_text(results.get('load_average_after'))} at the end\n\n"
             f"Measured in this run: read {machine['read_gbs']:.1f} GB/s "
-            f"(sum of {machine['buffer_bytes'] / GIB:.0f} GiB), copy {machine['copy_gbs']:.1f} GB/s "
-            f"(bytes read + written), fp32 GEMM {machine['gemm_gflops']:.0f} GFLOP/s "
-            f"(torch.mm {machine['gemm_size']}^3).")
+            f"(sum of {machine['buffer_bytes'] / GIB:.0f} GiB), "
+            f"copy {machine['copy_gbs']:.1f} GB/s (bytes read + written), "
+            f"fp32 GEMM {machine['gemm_gflops']:.0f} GFLOP/s (torch.mm {machine['gemm_size']}^3).")
 
 
 def format_sketch_table(results: Dict[str, object]) -> str:

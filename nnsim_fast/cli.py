@@ -313,6 +313,20 @@ def _load_weights(model, path: str) -> None:
     model.load_state_dict(state)
 
 
+def _check_forward(model, sample, label: str, data_path: str) -> None:
+    """Run two inputs through the model first, so a shape mismatch is one clear error."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(sample)
+    except Exception as error:
+        raise UsageError(f"model {label} cannot run on --data {data_path!r} (inputs of shape "
+                         f"{tuple(sample.shape[1:])} per sample): {type(error).__name__}: "
+                         f"{_one_line(error)}", f"{PROG} compare") from None
+
+
 def _labels_for(paths: Sequence[str]) -> List[str]:
     stems = [os.path.splitext(os.path.basename(p))[0] or f"model{i}" for i, p in enumerate(paths)]
     if len(set(stems)) == len(stems):
@@ -373,8 +387,10 @@ def _run_compare(args: argparse.Namespace) -> int:
             layers = resolve_layers(model, args.layers)
         except ValueError as error:
             raise UsageError(f"--layers: {_one_line(error)}", prog) from None
-        print(f"sketching {label} ({path}) on {x.shape[0]} inputs, layers {layers}",
-              file=sys.stderr, flush=True)
+        _check_forward(model, x[:2].to(device), label, args.data)
+        if not args.no_progress:
+            print(f"sketching {label} ({path}) on {x.shape[0]} inputs, layers {layers}",
+                  file=sys.stderr, flush=True)
         try:
             rep = sketch_model(model, batches, layers=layers, m=args.m, seed=args.seed,
                                beta=args.beta, target=args.target, spatial=args.spatial,

@@ -191,6 +191,7 @@ def _atomic_save(state: Dict[str, torch.Tensor], path: str) -> None:
     os.close(fd)
     try:
         torch.save(state, tmp)
+        os.chmod(tmp, 0o644)        # mkstemp's 0600 would hide the cache from other users
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -137,8 +137,8 @@ def heatmap(matrix: Any, row_labels: Optional[Sequence[str]] = None,
         The ``matplotlib.figure.Figure``.
     """
     values = _as_matrix(matrix)
-    width = min(2.0 + 0.55 * values.shape[1], 14.0)
-    height = min(1.6 + 0.45 * values.shape[0], 12.0)
+    width = min(2.2 + 0.5 * values.shape[1], 9.0)
+    height = min(1.5 + 0.42 * values.shape[0], 8.0)
     figure = _new_figure(width, height)
     ax = figure.add_subplot()
     image = draw_heatmap(ax, values, row_labels, col_labels, title=title, vmin=vmin, vmax=vmax,

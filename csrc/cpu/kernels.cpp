@@ -24,12 +24,9 @@
 namespace nnsim {
 namespace {
 
-// Rows hashed per pass: the chunk's buckets and values stay cache resident
-// while every column tile streams over the chunk's rows.
+// Rows whose entries a task gathers at a time (bounded thread-local lists).
 constexpr int64_t kChunkRows = 16384;
 constexpr int64_t kMinTileCols = 16;
-// Largest counting-sort table (bins) per chunk; larger m is binned coarsely.
-constexpr int64_t kMaxBins = 1 << 16;
 // Below this many multiply-adds a call stays on the calling thread.
 constexpr int64_t kSerialWork = 1 << 16;
 constexpr int64_t kGramBlock = 128;
@@ -38,32 +35,36 @@ inline int64_t global_row(const int64_t* rows, int64_t offset, int64_t i) {
   return offset + (rows != nullptr ? rows[i] : i);
 }
 
-// Buckets and signed values (sign / sqrt(s)) of rows [begin, end), stored
-// relative to `begin`, s entries per row.
-template <typename acc_t>
-void hash_rows(const SketchHash& hash, const int64_t* rows, int64_t offset, int64_t begin,
-               int64_t end, int64_t* bucket, acc_t* value) {
+// Buckets and signed values (sign / sqrt(s)) of rows [0, n), s entries per row.
+template <typename bucket_t, typename acc_t>
+void hash_rows(const SketchHash& hash, const int64_t* rows, int64_t offset, int64_t n,
+               bucket_t* bucket, acc_t* value, bool parallel) {
   const int s = hash.sparsity;
   const acc_t scale = static_cast<acc_t>(hash.scale);
-  at::parallel_for(begin, end, 16384, [&](int64_t lo, int64_t hi) {
+  auto body = [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t r = global_row(rows, offset, i);
       for (int j = 0; j < s; ++j) {
         const uint64_t h = row_hash(hash.key[j], r);
-        bucket[(i - begin) * s + j] = hash_bucket(hash, j, h);
-        value[(i - begin) * s + j] = hash_negative(h) ? -scale : scale;
+        bucket[i * s + j] = static_cast<bucket_t>(hash_bucket(hash, j, h));
+        value[i * s + j] = hash_negative(h) ? -scale : scale;
       }
     }
-  });
+  };
+  if (parallel) {
+    at::parallel_for(0, n, 16384, body);
+  } else {
+    body(0, n);
+  }
 }
 
-// Work split of the scatter.  Each chunk's (row, block) entries are sorted by
-// bucket (a stable counting sort, so rows keep their order inside a bucket).
-// A task owns a contiguous range of buckets (and, when m < threads, a column
-// tile) and adds each bucket's rows one after the other: the output row stays
-// in L1 while the input rows stream in whole, with the next one prefetched.
-// Every output element has one owner and one summation order (the row order),
-// whatever the number of threads.
+// Work split of the scatter.  A task owns a contiguous range of buckets (one
+// range per thread; column tiles as well when m < threads) and walks all rows
+// in order, adding those that land in its range and prefetching the next one.
+// Each row is thus read once, by its owner, in address order, and every output
+// element has one owner and one summation order -- the row order -- whatever
+// the number of threads.  The hashes are computed once per row beforehand, so
+// a call opens two parallel regions in all.
 struct Split {
   int64_t ranges;     // bucket ranges [r * m / ranges, (r + 1) * m / ranges)
   int64_t col_tiles;  // column tiles per input
@@ -71,7 +72,7 @@ struct Split {
 
 Split make_split(int64_t m, int64_t df, int64_t dg) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t ranges = std::min(m, 4 * threads);
+  const int64_t ranges = std::min(m, threads);
   int64_t col_tiles = (threads + ranges - 1) / ranges;
   col_tiles = std::min(col_tiles, std::max<int64_t>(1, std::max(df, dg) / kMinTileCols));
   return {ranges, col_tiles};
@@ -85,9 +86,10 @@ inline void prefetch_row(const in_t* row, int64_t width, int64_t col_stride) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 0);
 }
 
+// Adds rows (entry e = row * s + block, rows relative to x) to their buckets.
 template <typename in_t, typename acc_t>
 void add_rows(const in_t* __restrict x, int64_t row_stride, int64_t col_stride,
-              const int64_t* entry, int64_t count, int s, const int64_t* bucket,
+              const int64_t* entry, int64_t count, int s, const int32_t* bucket,
               const acc_t* value, acc_t* acc, int64_t acc_cols, int64_t c0, int64_t width) {
   if (width <= 0) return;
   constexpr int64_t kAhead = 2;
@@ -96,7 +98,7 @@ void add_rows(const in_t* __restrict x, int64_t row_stride, int64_t col_stride,
       prefetch_row(x + (entry[k + kAhead] / s) * row_stride + c0 * col_stride, width, col_stride);
     const int64_t e = entry[k];
     const in_t* __restrict x_row = x + (e / s) * row_stride + c0 * col_stride;
-    acc_t* __restrict out = acc + bucket[e] * acc_cols + c0;
+    acc_t* __restrict out = acc + static_cast<int64_t>(bucket[e]) * acc_cols + c0;
     const acc_t v = value[e];
     if (col_stride == 1) {
       for (int64_t c = 0; c < width; ++c) out[c] += v * static_cast<acc_t>(x_row[c]);
@@ -114,56 +116,49 @@ void accumulate_pair(at::Tensor& acc_f, at::Tensor& acc_g, const at::Tensor& f,
   const int64_t m = acc_f.size(0);
   const int64_t d[2] = {f.size(1), g != nullptr ? g->size(1) : 0};
   const int s = hash.sparsity;
-  // Entries are sorted by bin, a monotone coarsening of the bucket (bin = bucket
-  // when m is small), so a range of bins is a range of buckets and a stable
-  // sort keeps rows in order inside every bucket.
-  const int64_t bins = std::min(m, kMaxBins);
-  auto bin_of = [&](int64_t b) { return bins == m ? b : b * bins / m; };
-  const int64_t chunk = std::min(n, std::max(kChunkRows, 4 * bins));
-  std::vector<int64_t> bucket(chunk * s), entry(chunk * s), bin_start(bins + 1);
-  std::vector<acc_t> value(chunk * s);
   const in_t* x[2] = {f.const_data_ptr<in_t>(), g != nullptr ? g->const_data_ptr<in_t>() : nullptr};
   const int64_t row_stride[2] = {f.stride(0), g != nullptr ? g->stride(0) : 0};
   const int64_t col_stride[2] = {f.stride(1), g != nullptr ? g->stride(1) : 0};
   acc_t* out[2] = {acc_f.mutable_data_ptr<acc_t>(),
                    g != nullptr ? acc_g.mutable_data_ptr<acc_t>() : nullptr};
-  const Split split = make_split(bins, d[0], d[1]);
-  const int64_t tasks = split.ranges * split.col_tiles;
   // Small calls run on the calling thread: waking the pool costs more than they do.
   const bool small = n * s * (d[0] + d[1]) < kSerialWork;
+  const Split split = small ? Split{1, 1} : make_split(m, d[0], d[1]);
 
-  for (int64_t begin = 0; begin < n; begin += chunk) {
-    const int64_t end = std::min(n, begin + chunk);
-    const int64_t entries = (end - begin) * s;
-    hash_rows<acc_t>(hash, rows, offset, begin, end, bucket.data(), value.data());
-    // Stable counting sort of the chunk's (row, block) entries by bin.
-    std::fill(bin_start.begin(), bin_start.end(), 0);
-    for (int64_t e = 0; e < entries; ++e) ++bin_start[bin_of(bucket[e]) + 1];
-    for (int64_t b = 0; b < bins; ++b) bin_start[b + 1] += bin_start[b];
-    {
-      std::vector<int64_t> cursor(bin_start.begin(), bin_start.end() - 1);
-      for (int64_t e = 0; e < entries; ++e) entry[cursor[bin_of(bucket[e])]++] = e;
-    }
-    auto run = [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) {
-        const int64_t r = t / split.col_tiles, tile = t % split.col_tiles;
-        const int64_t first = bin_start[r * bins / split.ranges];
-        const int64_t last = bin_start[(r + 1) * bins / split.ranges];
+  // One hash evaluation per (row, block); buckets fit int32 (m < 2^31).
+  std::vector<int32_t> bucket(n * s);
+  std::vector<acc_t> value(n * s);
+  hash_rows<int32_t, acc_t>(hash, rows, offset, n, bucket.data(), value.data(), !small);
+
+  auto run = [&](int64_t lo, int64_t hi) {
+    std::vector<int64_t> list;
+    list.reserve(std::min(n, kChunkRows) * s);
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t r = t / split.col_tiles, tile = t % split.col_tiles;
+      const int64_t first = r * m / split.ranges, last = (r + 1) * m / split.ranges;
+      for (int64_t begin = 0; begin < n; begin += kChunkRows) {
+        const int64_t end = std::min(n, begin + kChunkRows);
+        list.clear();
+        for (int64_t e = begin * s; e < end * s; ++e) {
+          const int64_t b = bucket[e];
+          if (b >= first && b < last) list.push_back(e);
+        }
         for (int k = 0; k < 2; ++k) {
           if (x[k] == nullptr) continue;
           const int64_t width = (d[k] + split.col_tiles - 1) / split.col_tiles;
           const int64_t c0 = tile * width;
-          add_rows<in_t, acc_t>(x[k] + begin * row_stride[k], row_stride[k], col_stride[k],
-                                entry.data() + first, last - first, s, bucket.data(),
+          add_rows<in_t, acc_t>(x[k], row_stride[k], col_stride[k], list.data(),
+                                static_cast<int64_t>(list.size()), s, bucket.data(),
                                 value.data(), out[k], d[k], c0, std::min(width, d[k] - c0));
         }
       }
-    };
-    if (small) {
-      run(0, tasks);
-    } else {
-      at::parallel_for(0, tasks, 1, run);
     }
+  };
+  const int64_t tasks = split.ranges * split.col_tiles;
+  if (small) {
+    run(0, tasks);
+  } else {
+    at::parallel_for(0, tasks, 1, run);
   }
 }
 
@@ -279,8 +274,8 @@ std::tuple<at::Tensor, at::Tensor> sketch_hash_cpu(const at::Tensor& rows, int64
   at::Tensor buckets = at::empty({n, sparsity}, r.options());
   at::Tensor signs = at::empty({n, sparsity}, r.options().dtype(at::kFloat));
   const SketchHash hash = make_sketch_hash(static_cast<uint64_t>(seed), m, static_cast<int>(sparsity));
-  hash_rows<float>(hash, r.const_data_ptr<int64_t>(), 0, 0, n, buckets.mutable_data_ptr<int64_t>(),
-                   signs.mutable_data_ptr<float>());
+  hash_rows<int64_t, float>(hash, r.const_data_ptr<int64_t>(), 0, n,
+                           buckets.mutable_data_ptr<int64_t>(), signs.mutable_data_ptr<float>(), true);
   // hash_rows stores sign / sqrt(s); report the bare sign.
   float* sign = signs.mutable_data_ptr<float>();
   for (int64_t k = 0; k < n * sparsity; ++k) sign[k] = sign[k] < 0 ? -1.0f : 1.0f;
@@ -300,7 +295,9 @@ at::Tensor hadamard_gram_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const int64_t m = a.size(1);
   at::Tensor out = at::empty({batch, m, m}, a.options());
   if (batch == 0 || m == 0) return out;
-  const int64_t blocks = (m + kGramBlock - 1) / kGramBlock;
+  // Smaller blocks save more of the symmetric half but make smaller GEMMs.
+  const int64_t block = m <= 2 * kGramBlock ? kGramBlock / 2 : kGramBlock;
+  const int64_t blocks = (m + block - 1) / block;
   std::vector<std::array<int64_t, 3>> tasks;
   for (int64_t k = 0; k < batch; ++k)
     for (int64_t bi = 0; bi < blocks; ++bi)
@@ -308,14 +305,14 @@ at::Tensor hadamard_gram_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       const auto [k, bi, bj] = tasks[t];
-      const int64_t r0 = bi * kGramBlock, rn = std::min(kGramBlock, m - r0);
-      const int64_t c0 = bj * kGramBlock, cn = std::min(kGramBlock, m - c0);
+      const int64_t r0 = bi * block, rn = std::min(block, m - r0);
+      const int64_t c0 = bj * block, cn = std::min(block, m - c0);
       const at::Tensor ak = a.select(0, k), bk = b.select(0, k);
-      at::Tensor block = at::mm(ak.narrow(0, r0, rn), ak.narrow(0, c0, cn).t());
-      block.mul_(at::mm(bk.narrow(0, r0, rn), bk.narrow(0, c0, cn).t()));
       at::Tensor out_k = out.select(0, k);
-      out_k.narrow(0, r0, rn).narrow(1, c0, cn).copy_(block);
-      if (bi != bj) out_k.narrow(0, c0, cn).narrow(1, r0, rn).copy_(block.t());
+      at::Tensor tile = out_k.narrow(0, r0, rn).narrow(1, c0, cn);
+      at::mm_out(tile, ak.narrow(0, r0, rn), ak.narrow(0, c0, cn).t());
+      tile.mul_(at::mm(bk.narrow(0, r0, rn), bk.narrow(0, c0, cn).t()));
+      if (bi != bj) out_k.narrow(0, c0, cn).narrow(1, r0, rn).copy_(tile.t());
     }
   });
   return out;
