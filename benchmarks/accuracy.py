@@ -13,20 +13,21 @@ size m and sketch seed, both networks are sketched with the library
 
 * ``feature``   K~_f = (S F)(S F)^T
 * ``hadamard``  Algorithm 1 of the paper: (S F)(S F)^T o (S G)(S G)^T
-* ``psi``       the sketch of psi(x) = g f^T itself, K~ = S K S^T (exact psi where
-                 m d_f d_g fits the budget, a TensorSketch of width 4096 otherwise)
+* ``psi``       the sketch of psi(x) = g f^T itself, K~ = S K S^T (exact psi for the
+                 MLP and the CNN's logits, a TensorSketch of width 1024 for the CNN's
+                 feature maps)
 
-each with ``centering="data"`` (exact: the sketch of the centred data) and with
-``centering="buckets"`` (the m x m double centring of the paper's code, the library's
-default).  Errors are sketched minus exact CKA; "sd" is the seed-to-seed standard deviation
-per layer pair, pooled (root mean square) over layer pairs; "|bias|" is the root mean
-square over layer pairs of the per-pair mean error; "RMSE" pools everything.
+all with ``centering="data"`` (exact: the sketch of the centred data), and Algorithm 1
+also with ``centering="buckets"`` (the m x m double centring of the paper's code and the
+library's default), "the paper's estimator".  Errors are sketched minus exact CKA; "sd" is
+the seed-to-seed standard deviation per layer pair, pooled (root mean square) over layer
+pairs; "|bias|" is the root mean square over layer pairs of the per-pair mean error;
+"RMSE" pools everything.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -204,6 +205,30 @@ def summarise(errors: np.ndarray) -> Dict[str, float]:
             "rmse": float(np.sqrt((errors ** 2).mean()))}
 
 
+def pooled_sd(errors: np.ndarray) -> float:
+    return float(np.sqrt((errors.std(axis=-1, ddof=1) ** 2).mean(axis=-1)))
+
+
+def sd_ratio_interval(ours: np.ndarray, theirs: np.ndarray, draws: int = 2000,
+                      level: float = 0.95) -> List[float]:
+    """Bootstrap interval of pooled-sd(ours) / pooled-sd(theirs), errors [pairs, seeds].
+
+    Seeds are resampled jointly for both estimators (they share each seed's S), so the
+    interval accounts for their correlation."""
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, ours.shape[1], size=(draws, ours.shape[1]))
+    pairs = np.array([(pooled_sd(ours[:, p]), pooled_sd(theirs[:, p])) for p in picks])
+    # with few seeds a resample can repeat one seed throughout and have no spread at all
+    ratios = pairs[pairs[:, 1] > 0, 0] / pairs[pairs[:, 1] > 0, 1]
+    tail = (1 - level) / 2
+    return [float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1 - tail))]
+
+
+def sd_slope(sizes: Sequence[int], sds: Sequence[float]) -> float:
+    """Least-squares slope of log sd against log m (-1/2 for an error falling as 1/sqrt(m))."""
+    return float(np.polyfit(np.log(np.asarray(sizes, dtype=np.float64)), np.log(sds), 1)[0])
+
+
 def run(quick: bool, seeds: int, epochs: Optional[int], progress: bool = True) -> Dict[str, object]:
     start = time.perf_counter()
     archs = ["mlp"] if quick else ["mlp", "cnn"]
@@ -268,8 +293,13 @@ def run(quick: bool, seeds: int, epochs: Optional[int], progress: bool = True) -
             str(m): table[scope + OURS][str(m)]["sd"] / table[scope + PAPER][str(m)]["sd"]
             for m in sizes}
     results["sd_ratio_psi_over_paper"] = ratios
-    results["target"] = {"ratio": TARGET_RATIO,
-                         "met": all(r <= TARGET_RATIO for r in ratios["all"].values())}
+    results["sd_ratio_interval"] = {
+        str(m): sd_ratio_interval(np.array(errors[(OURS, m)]), np.array(errors[(PAPER, m)]))
+        for m in sizes}
+    results["sd_slope"] = {label: sd_slope(sizes, [table[label][str(m)]["sd"] for m in sizes])
+                           for _, _, label in ESTIMATORS}
+    met = {str(m): ratios["all"][str(m)] <= TARGET_RATIO for m in sizes}
+    results["target"] = {"ratio": TARGET_RATIO, "met_at": met, "met": all(met.values())}
     results["seconds"] = round(time.perf_counter() - start, 1)
     return results
 
@@ -312,8 +342,17 @@ def layer_table(results: Dict[str, object], m: int) -> str:
                    "feature", PAPER, "hadamard, data", OURS], rows)
 
 
+def trend(slope: float) -> str:
+    """Words for a log-log slope of an error against m."""
+    if slope <= -0.4:
+        return "falls roughly like 1/√m"
+    if slope <= -0.2:
+        return "falls more slowly than 1/√m"
+    return "hardly falls"
+
+
 def which_estimator_section(results: Dict[str, object]) -> str:
-    """The short section meant for the README."""
+    """The short section meant for the README; every number in it comes from ``results``."""
     sizes = results["sizes"]
     show = [m for m in sizes if m in (64, 256, 1024)] or sizes
     rows = []
@@ -321,33 +360,58 @@ def which_estimator_section(results: Dict[str, object]) -> str:
         entry = results["summary"][label]
         rows.append([label] + [f"{entry[str(m)]['sd']:.3f} / {entry[str(m)]['abs_bias']:.3f}"
                                for m in show])
+    table = _table(["estimator: sd / abs. bias of CKA"] + [f"m = {m}" for m in show], rows)
     ratio = results["sd_ratio_psi_over_paper"]["all"]
-    table = _table(["estimator (sd / abs. bias of CKA)"] + [f"m = {m}" for m in show], rows)
+    interval = results["sd_ratio_interval"]
+    ratio_text = ", ".join(f"{ratio[str(m)]:.2f} at m = {m} ({interval[str(m)][0]:.2f}–"
+                           f"{interval[str(m)][1]:.2f})" for m in sizes)
+    met = [m for m in sizes if results["target"]["met_at"][str(m)]]
+    missed = [m for m in sizes if m not in met]
+    verdict = ("met at every m" if not missed else
+               f"met at m = {', '.join(map(str, met)) or 'none'}, missed at m = "
+               f"{', '.join(map(str, missed))}")
+    slope = results["sd_slope"]
+    summary = results["summary"]
+    first, last = str(sizes[0]), str(sizes[-1])
+    gap = max(abs(p["exact"]["hadamard"] - p["exact"]["hadamard_uncentred"])
+              for p in results["pairs"])
+    centring_note = (f"On these networks centred and uncentred CKA of K differ by at most "
+                     f"{gap:.3f} (per-layer table), so the choice matters little here;"
+                     if gap < 0.02 else
+                     f"On these networks centred and uncentred CKA of K differ by up to "
+                     f"{gap:.3f} (per-layer table);")
     return f"""## Which estimator
 
 `similarity(..., kind=...)` offers two estimators of the paper's kernel K = K_f ∘ K_g:
 
-- `kind="hadamard"` (default) is Algorithm 1 of the paper: features and gradients are
-  sketched separately and the two m × m Grams multiplied entrywise. It is cheap (m × (d_f + d_g)
-  per layer) but it is **not** S K Sᵀ: the cross terms of the two sketches add variance, and
-  the paper's error bounds (eqs. 15–16) do not cover it.
-- `kind="psi"` (`sketch_model(..., psi=True)`) sketches ψ(x) = g fᵀ itself, so K̃ = S K Sᵀ —
-  the estimator the bounds are about. It stores m × d_f·d_g per layer while that fits
-  `psi_budget` (default 2²⁸ numbers) and an m × `psi_dim` TensorSketch of ψ beyond it. Use it
-  with `centering="data"`, which makes K̃ exactly S H K H Sᵀ.
+- `kind="hadamard"` (the default) is Algorithm 1 of the paper: features and gradients are
+  sketched separately and the two m × m Grams multiplied entrywise. It stores m × (d_f + d_g)
+  numbers per layer, but it is **not** S K Sᵀ: the product of two sketches has cross terms
+  between the samples sharing a bucket, and the paper's error bounds (eqs. 15–16) do not
+  cover it.
+- `kind="psi"` (`sketch_model(..., psi=True)`) sketches ψ(x) = g fᵀ itself, so K̃ = S K Sᵀ,
+  the estimator the bounds are about. It stores m × d_f·d_g numbers per layer while that
+  fits `psi_budget` (default 2²⁸) and an m × `psi_dim` TensorSketch of ψ beyond it. With
+  `centering="data"` it is exactly S H K H Sᵀ.
 
 Measured on two pairs of small networks trained on the digits data (N = {results['n']}, exact
-N × N kernels), {results['seeds']} sketch seeds, error of sketched against exact centred CKA:
+N × N kernels), {results['seeds']} sketch seeds; error of sketched against exact centred CKA
+(details below):
 
 {table}
 
-At equal m, psi's seed-to-seed sd is {min(ratio.values()):.2f}–{max(ratio.values()):.2f} times
-that of the paper's estimator (target ≤ {TARGET_RATIO}: {'met' if results['target']['met'] else 'not met'}
-at every m). Prefer `psi` when the similarity values themselves matter (a few hundred
-buckets give errors of a few hundredths); `hadamard` remains the choice when memory per
-layer must stay at m × (d_f + d_g). The bucket centring (`centering="buckets"`, the default)
-hardly centres at all — S1 is a random ±-sum per bucket — so it estimates a nearly
-uncentred CKA and carries a bias that does not shrink with m; pass `centering="data"`.
+psi's seed-to-seed sd relative to the paper's estimator's: {ratio_text} (95 % bootstrap
+intervals over seeds). Target ≤ {TARGET_RATIO}: {verdict}. Over m = {first}–{last} psi's sd
+{trend(slope[OURS])} (∝ m^{slope[OURS]:.2f}; RMSE {summary[OURS][first]['rmse']:.3f} →
+{summary[OURS][last]['rmse']:.3f}) and Algorithm 1's {trend(slope[PAPER])} (∝
+m^{slope[PAPER]:.2f}; RMSE {summary[PAPER][first]['rmse']:.3f} → {summary[PAPER][last]['rmse']:.3f}).
+
+Use `kind="psi", centering="data"` when the similarity values matter and d_f·d_g (or
+`psi_dim`) times m fits in memory; keep `kind="hadamard"` when memory per layer must stay
+at m × (d_f + d_g). Bucket centring (`centering="buckets"`, the paper's code and the
+library's default for `similarity`) removes the mean over buckets, not the data mean: S1 is
+a random ±-sum per bucket with mean near 0, so the result stays close to the uncentred
+sketch and is not S H K H Sᵀ. {centring_note} `centering="data"` is the estimator of centred CKA.
 """
 
 
@@ -410,8 +474,14 @@ def markdown(results: Dict[str, object], command: str) -> str:
         "",
         ratio_table(results),
         "",
+        "Bootstrap 95 % interval of the pooled ratio (seeds resampled): " + ", ".join(
+            f"m = {m}: {results['sd_ratio_interval'][str(m)][0]:.2f}–"
+            f"{results['sd_ratio_interval'][str(m)][1]:.2f}" for m in sizes) + ".",
+        "",
         f"Target: ratio ≤ {TARGET_RATIO} at every m (all networks pooled): "
-        f"**{'met' if results['target']['met'] else 'not met'}**.",
+        f"**{'met' if results['target']['met'] else 'not met'}** (" + ", ".join(
+            f"m = {m}: {'yes' if results['target']['met_at'][str(m)] else 'no'}"
+            for m in sizes) + ").",
         "",
         f"## Per layer at m = {m_detail} (mean ± sd over seeds)",
         "",
@@ -426,6 +496,7 @@ def plot(results: Dict[str, object], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
     sizes = np.array(results["sizes"], dtype=np.float64)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, statistic, title in ((axes[0], "sd", "seed-to-seed sd"), (axes[1], "rmse", "RMSE")):
@@ -438,6 +509,9 @@ def plot(results: Dict[str, object], path: str) -> None:
                 linestyle=":", label="∝ 1/√m")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([str(int(m)) for m in sizes])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("buckets m")
         ax.set_title(f"{title} of sketched CKA")
         ax.grid(True, which="both", alpha=0.3)

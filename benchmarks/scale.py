@@ -165,7 +165,8 @@ def run_child(mode: str, n: int, args: argparse.Namespace) -> Dict[str, object]:
     command = [sys.executable, os.path.abspath(__file__), "--child", mode, "--n", str(n),
                "--batch", str(args.batch), "--m", str(args.m), "--threads", str(args.threads)]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    search_path = [ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(search_path)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     timer = threading.Timer(args.child_timeout, proc.kill)
     timer.start()
@@ -213,7 +214,8 @@ def verdicts(rows: List[Dict[str, object]], mode: str) -> Dict[str, object]:
     rss = [r["peak_rss_bytes"] for r in done]
     rate = [r["samples_per_s"] for r in done]
     return {"mode": mode, "n_smallest": done[0]["n"], "n_largest": done[-1]["n"],
-            "peak_rss_change": (rss[-1] - rss[0]) / rss[0], "memory_flat": abs(rss[-1] - rss[0]) / rss[0] <= MEMORY_FLAT,
+            "peak_rss_change": (rss[-1] - rss[0]) / rss[0],
+            "memory_flat": abs(rss[-1] - rss[0]) / rss[0] <= MEMORY_FLAT,
             "throughput_spread": spread(rate), "throughput_flat": spread(rate) <= THROUGHPUT_FLAT}
 
 
@@ -234,9 +236,9 @@ def markdown(results: Dict[str, object]) -> str:
         lines += [results["note"], ""]
     cfg = results["config"]
     lines += [
-        f"Model: MLP {IN_FEATURES} -> {WIDTH} -> {WIDTH} -> {CLASSES} (ReLU), probed at both hidden "
-        f"blocks; m = {cfg['m']}, float32 accumulators, batch {cfg['batch']}; inputs drawn per "
-        "batch from a seeded generator (never held). Each row is a fresh process; peak RSS is "
+        f"Model: MLP {IN_FEATURES} -> {WIDTH} -> {WIDTH} -> {CLASSES} (ReLU), probed at both "
+        f"hidden blocks; m = {cfg['m']}, float32 accumulators, batch {cfg['batch']}; inputs drawn "
+        "per batch from a seeded generator (never held). Each row is a fresh process; peak RSS is "
         "the kernel's maximum resident set of that process (imports, model and sketch "
         "included); 'loop growth' is the resident set after the loop minus before it. "
         "`bare` = forward + backward to the probed layers without sketching.", "",
@@ -249,8 +251,8 @@ def markdown(results: Dict[str, object]) -> str:
         if "error" in r:
             lines.append(f"| {r['mode']} | {n_text(r['n'])} | failed: {r['error']} | | | | | |")
             continue
-        ratio = (f"{r['wall_s'] / bare[r['n']]['wall_s']:.2f}" if r["mode"] != "bare" and r["n"] in bare
-                 else "—")
+        paired = r["mode"] != "bare" and r["n"] in bare
+        ratio = f"{r['wall_s'] / bare[r['n']]['wall_s']:.2f}" if paired else "—"
         growth = ("—" if r["rss_before_loop_bytes"] is None or r["rss_after_loop_bytes"] is None
                   else f"{(r['rss_after_loop_bytes'] - r['rss_before_loop_bytes']) / MIB:+.1f}")
         tenths = r["segment_samples_per_s"]
@@ -285,7 +287,8 @@ def command_text(args: argparse.Namespace) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="N = 1e4, 1e5 (under a minute)")
-    parser.add_argument("--n", type=int, nargs="+", help="sample counts (overrides the default set)")
+    parser.add_argument("--n", type=int, nargs="+",
+                        help="sample counts (overrides the default set)")
     parser.add_argument("--indexed-n", type=int, nargs="*",
                         help="sample counts for the index-keyed mode (empty: skip it)")
     parser.add_argument("--batch", type=int, default=1024)
@@ -317,7 +320,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for mode, n in plan:
         row = run_child(mode, n, args)
         results["runs"].append(row)
-        shown = row.get("error") or (f"{row['wall_s']:.1f} s, {row['samples_per_s']:,.0f} samples/s, "
+        shown = row.get("error") or (f"{row['wall_s']:.1f} s, "
+                                      f"{row['samples_per_s']:,.0f} samples/s, "
                                       f"peak RSS {row['peak_rss_bytes'] / MIB:.0f} MiB")
         print(f"{mode:8s} N={n:>9,d}: {shown}", flush=True)
     results["load_average_after"] = bench.host_info()["load_average"]

@@ -90,10 +90,11 @@ def main() -> None:
         rep.save(args.output)
         print(f"saved to {args.output}")
         if args.check:
-            single = sketch_model(model, DataLoader(IndexedDataset(dataset), batch_size=args.batch_size),
-                                  layers=LAYERS, m=args.buckets, dtype=torch.float64, progress=False)
-            worst = max(float((rep.layers[name].sketch_f - single.layers[name].sketch_f).abs().max() /
-                              single.layers[name].sketch_f.abs().max()) for name in LAYERS)
+            whole = DataLoader(IndexedDataset(dataset), batch_size=args.batch_size)
+            single = sketch_model(model, whole, layers=LAYERS, m=args.buckets,
+                                  dtype=torch.float64, progress=False)
+            worst = max(float((rep.layers[name].sketch_f - single.layers[name].sketch_f).abs().max()
+                              / single.layers[name].sketch_f.abs().max()) for name in LAYERS)
             # The accumulators are float64, but the model runs in its own precision, and a
             # float32 matrix product may round a row differently depending on which rows
             # share its batch: allow a few hundred units of the model's rounding.

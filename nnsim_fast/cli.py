@@ -365,7 +365,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     try:
         device = torch.device(args.device)
         torch.empty(0, device=device)
-    except (RuntimeError, ValueError) as error:
+    except Exception as error:  # unknown names, or CUDA absent (torch raises assorted types)
         raise UsageError(f"--device {args.device!r} is not usable: {_one_line(error)}", prog) from None
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} exists and is not a directory", prog)

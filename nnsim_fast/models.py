@@ -222,7 +222,7 @@ def load_or_train(task_name: str, num_classes: int, x: torch.Tensor, y: torch.Te
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             model.eval()
             return model, False, path
-        except (RuntimeError, ValueError, OSError, EOFError):
+        except Exception:  # any unreadable or mismatched file: train afresh and overwrite
             torch.manual_seed(seed)
             model = SmallResNet(num_classes, channels=config.channels)
     train_classifier(model, x, y, config, seed)

@@ -1,9 +1,9 @@
 """Resumable runs: ``sketch_model(..., checkpoint=path, checkpoint_every=K)``.
 
-A crash is a real one: a helper script runs ``sketch_model`` in a subprocess
+A crash is a real one: a job script runs ``sketch_model`` in a subprocess
 whose model sends itself SIGKILL in the forward pass of a chosen batch (or in
 the middle of writing a checkpoint).  The references are runs of the same
-helper in this process without interruption and without any checkpoint, so
+job in this process without interruption and without any checkpoint, so
 resuming must reproduce them (float64, to 1e-12), the partial checkpoint must
 hold exactly the rows of the batches it claims, and the skipped batches must
 not run through the model again.
@@ -29,7 +29,7 @@ from nnsim_fast import Representation, sketch_model
 TOL = dict(rtol=1e-12, atol=1e-12)
 SUBPROCESS_TIMEOUT_S = 60
 
-HELPER = textwrap.dedent('''
+JOB_SCRIPT = textwrap.dedent('''
     """A deterministic sketching job that can be killed at a chosen batch."""
     import os
     import signal
@@ -113,9 +113,9 @@ HELPER = textwrap.dedent('''
 
 
 @pytest.fixture
-def helper(tmp_path) -> ModuleType:
+def job(tmp_path) -> ModuleType:
     path = tmp_path / "sketch_job.py"
-    path.write_text(HELPER)
+    path.write_text(JOB_SCRIPT)
     spec = importlib.util.spec_from_file_location("sketch_job", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -123,22 +123,24 @@ def helper(tmp_path) -> ModuleType:
     return module
 
 
-def run_helper(helper: ModuleType, checkpoint: pathlib.Path, out: pathlib.Path,
+def run_job(job: ModuleType, checkpoint: pathlib.Path, out: pathlib.Path,
                **env: str) -> subprocess.CompletedProcess:
     package_root = pathlib.Path(nnsim_fast.__file__).resolve().parent.parent
     environment = {k: v for k, v in os.environ.items() if not k.startswith("SKETCH_KILL")}
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [str(package_root)] + ([environment["PYTHONPATH"]] if environment.get("PYTHONPATH") else []))
+    search_path = [str(package_root)]
+    if environment.get("PYTHONPATH"):
+        search_path.append(environment["PYTHONPATH"])
+    environment["PYTHONPATH"] = os.pathsep.join(search_path)
     environment.update(env)
-    return subprocess.run([sys.executable, str(helper.path), str(checkpoint), str(out)],
+    return subprocess.run([sys.executable, str(job.path), str(checkpoint), str(out)],
                           env=environment, capture_output=True, text=True,
                           timeout=SUBPROCESS_TIMEOUT_S)
 
 
-def reference(helper: ModuleType, **kwargs) -> Representation:
+def reference(job: ModuleType, **kwargs) -> Representation:
     """The same job in this process, uninterrupted and without a checkpoint."""
-    return sketch_model(helper.make_model(), helper.make_loader(kwargs.pop("indexed", False)),
-                        **helper.SETTINGS, **kwargs)
+    return sketch_model(job.make_model(), job.make_loader(kwargs.pop("indexed", False)),
+                        **job.SETTINGS, **kwargs)
 
 
 def assert_same(a: Representation, b: Representation, tol=TOL) -> None:
@@ -158,9 +160,9 @@ def leftover_temporaries(directory: pathlib.Path) -> list:
 
 # --------------------------------------------------------------------------- crash and resume
 
-def test_killed_run_resumes_to_the_uninterrupted_result(helper, tmp_path):
+def test_killed_run_resumes_to_the_uninterrupted_result(job, tmp_path):
     checkpoint, out = tmp_path / "run.ckpt", tmp_path / "result.safetensors"
-    killed = run_helper(helper, checkpoint, out, SKETCH_KILL_AT_BATCH="5")
+    killed = run_job(job, checkpoint, out, SKETCH_KILL_AT_BATCH="5")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not out.exists()
 
@@ -168,15 +170,15 @@ def test_killed_run_resumes_to_the_uninterrupted_result(helper, tmp_path):
     partial = Representation.load(checkpoint)
     assert partial.meta["progress"]["batches"] == 4
     assert partial.meta["progress"]["complete"] is False
-    assert partial.n == 4 * helper.BATCH
-    assert_same(reference(helper, max_batches=4), partial)
+    assert partial.n == 4 * job.BATCH
+    assert_same(reference(job, max_batches=4), partial)
     assert leftover_temporaries(tmp_path) == []
 
-    resumed = run_helper(helper, checkpoint, out)
+    resumed = run_job(job, checkpoint, out)
     assert resumed.returncode == 0, resumed.stderr
     result = Representation.load(out)
-    assert result.n == helper.N
-    assert_same(reference(helper), result)
+    assert result.n == job.N
+    assert_same(reference(job), result)
     # Only the 4 batches after the checkpoint went through the model.
     assert (tmp_path / "result.safetensors.calls").read_text() == "4"
     final = Representation.load(checkpoint)
@@ -184,26 +186,26 @@ def test_killed_run_resumes_to_the_uninterrupted_result(helper, tmp_path):
     assert leftover_temporaries(tmp_path) == []
 
 
-def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(helper, tmp_path):
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(job, tmp_path):
     checkpoint, out = tmp_path / "run.ckpt", tmp_path / "result.safetensors"
-    killed = run_helper(helper, checkpoint, out, SKETCH_KILL_AT_SAVE="2")
+    killed = run_job(job, checkpoint, out, SKETCH_KILL_AT_SAVE="2")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     # The second write died half way; the file at the checkpoint path is the first one, whole.
     survivor = Representation.load(checkpoint)
     assert survivor.meta["progress"]["batches"] == 2
-    assert_same(reference(helper, max_batches=2), survivor)
-    rep = sketch_model(helper.make_model(), helper.make_loader(), checkpoint=checkpoint,
-                       checkpoint_every=2, **helper.SETTINGS)
-    assert_same(reference(helper), rep)
+    assert_same(reference(job, max_batches=2), survivor)
+    rep = sketch_model(job.make_model(), job.make_loader(), checkpoint=checkpoint,
+                       checkpoint_every=2, **job.SETTINGS)
+    assert_same(reference(job), rep)
 
 
-def test_interrupted_shuffled_indexed_run_resumes(helper, tmp_path):
+def test_interrupted_shuffled_indexed_run_resumes(job, tmp_path):
     checkpoint = tmp_path / "indexed.ckpt"
 
     class Interrupt(Exception):
         pass
 
-    model = helper.make_model()
+    model = job.make_model()
 
     def stop_at_batch_3(module, inputs):
         if module.calls == 3:
@@ -211,28 +213,28 @@ def test_interrupted_shuffled_indexed_run_resumes(helper, tmp_path):
 
     handle = model.register_forward_pre_hook(stop_at_batch_3)
     with pytest.raises(Interrupt):
-        sketch_model(model, helper.make_loader(indexed=True), checkpoint=checkpoint,
-                     checkpoint_every=1, **helper.SETTINGS)
+        sketch_model(model, job.make_loader(indexed=True), checkpoint=checkpoint,
+                     checkpoint_every=1, **job.SETTINGS)
     handle.remove()
     partial = Representation.load(checkpoint)
-    assert partial.n == 3 * helper.BATCH and partial.row_keys == "index"
+    assert partial.n == 3 * job.BATCH and partial.row_keys == "index"
     # Resume with another checkpoint interval: the interval is not part of the result.
-    rep = sketch_model(helper.make_model(), helper.make_loader(indexed=True),
-                       checkpoint=checkpoint, checkpoint_every=3, **helper.SETTINGS)
-    expected = reference(helper, indexed=True)
-    assert expected.row_intervals == [[0, helper.N]]
+    rep = sketch_model(job.make_model(), job.make_loader(indexed=True),
+                       checkpoint=checkpoint, checkpoint_every=3, **job.SETTINGS)
+    expected = reference(job, indexed=True)
+    assert expected.row_intervals == [[0, job.N]]
     assert_same(expected, rep)
     assert leftover_temporaries(tmp_path) == []
 
 
-def test_complete_checkpoint_returns_without_running_the_model(helper, tmp_path):
+def test_complete_checkpoint_returns_without_running_the_model(job, tmp_path):
     checkpoint = tmp_path / "done.ckpt"
-    first = sketch_model(helper.make_model(), helper.make_loader(), checkpoint=checkpoint,
-                         **helper.SETTINGS)
-    assert_same(reference(helper), first)
+    first = sketch_model(job.make_model(), job.make_loader(), checkpoint=checkpoint,
+                         **job.SETTINGS)
+    assert_same(reference(job), first)
     assert Representation.load(checkpoint).meta["progress"]["complete"] is True
-    model = helper.make_model()
-    again = sketch_model(model, helper.make_loader(), checkpoint=checkpoint, **helper.SETTINGS)
+    model = job.make_model()
+    again = sketch_model(model, job.make_loader(), checkpoint=checkpoint, **job.SETTINGS)
     assert model.calls == 0
     assert_same(first, again, dict(rtol=0, atol=0))
     assert leftover_temporaries(tmp_path) == []
@@ -245,14 +247,14 @@ def test_complete_checkpoint_returns_without_running_the_model(helper, tmp_path)
     (dict(beta=0.25), "beta"),
     (dict(max_batches=3), "max_batches"),
 ])
-def test_changed_settings_with_an_existing_checkpoint_raise(helper, tmp_path, changes, named):
+def test_changed_settings_with_an_existing_checkpoint_raise(job, tmp_path, changes, named):
     checkpoint = tmp_path / "settings.ckpt"
-    sketch_model(helper.make_model(), helper.make_loader(), checkpoint=checkpoint,
-                 checkpoint_every=4, max_batches=6, **helper.SETTINGS)
+    sketch_model(job.make_model(), job.make_loader(), checkpoint=checkpoint,
+                 checkpoint_every=4, max_batches=6, **job.SETTINGS)
     before = checkpoint.read_bytes()
-    settings = {**helper.SETTINGS, "max_batches": 6, **changes}
+    settings = {**job.SETTINGS, "max_batches": 6, **changes}
     with pytest.raises(ValueError, match=f"different settings \\({named}\\)"):
-        sketch_model(helper.make_model(), helper.make_loader(), checkpoint=checkpoint,
+        sketch_model(job.make_model(), job.make_loader(), checkpoint=checkpoint,
                      checkpoint_every=4, **settings)
     assert checkpoint.read_bytes() == before
 
@@ -267,7 +269,8 @@ def test_save_writes_a_temporary_then_renames(tmp_path, monkeypatch):
     path = tmp_path / "rep.safetensors"
     rep.save(path)
     before = path.read_bytes()
-    rep.update({"a": torch.ones(2, 3, dtype=torch.float64)}, {"a": torch.ones(2, 2, dtype=torch.float64)})
+    rep.update({"a": torch.ones(2, 3, dtype=torch.float64)},
+               {"a": torch.ones(2, 2, dtype=torch.float64)})
 
     renames = []
 
@@ -293,7 +296,8 @@ def test_save_writes_a_temporary_then_renames(tmp_path, monkeypatch):
                    "the file with mode 0600 whatever the umask, and the rename keeps that mode")
 def test_saved_file_gets_the_permissions_the_umask_gives(tmp_path):
     rep = Representation(8, 1, beta=0.5, dtype=torch.float64)
-    rep.update({"a": torch.ones(2, 3, dtype=torch.float64)}, {"a": torch.ones(2, 2, dtype=torch.float64)})
+    rep.update({"a": torch.ones(2, 3, dtype=torch.float64)},
+               {"a": torch.ones(2, 2, dtype=torch.float64)})
     previous = os.umask(0o022)
     try:
         rep.save(tmp_path / "rep.safetensors")
@@ -308,15 +312,16 @@ def test_saved_file_gets_the_permissions_the_umask_gives(tmp_path):
 
 # --------------------------------------------------------------------------- arguments
 
-def test_checkpoint_argument_errors(helper, tmp_path):
-    data, model = helper.make_loader(), helper.make_model()
+def test_checkpoint_argument_errors(job, tmp_path):
+    data, model = job.make_loader(), job.make_model()
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="checkpoint_every"):
             sketch_model(model, data, checkpoint=tmp_path / "x.ckpt", checkpoint_every=bad,
-                         **helper.SETTINGS)
+                         **job.SETTINGS)
     with pytest.raises(ValueError, match="checkpoint_every needs checkpoint"):
-        sketch_model(model, data, checkpoint_every=2, **helper.SETTINGS)
+        sketch_model(model, data, checkpoint_every=2, **job.SETTINGS)
     into = Representation(16, 5, beta=0.5, dtype=torch.float64)
     with pytest.raises(ValueError, match="into"):
-        sketch_model(model, data, checkpoint=tmp_path / "x.ckpt", into=into, **helper.SETTINGS)
-    assert model.calls == 0 and not list(tmp_path.glob("x.ckpt*")) and not leftover_temporaries(tmp_path)
+        sketch_model(model, data, checkpoint=tmp_path / "x.ckpt", into=into, **job.SETTINGS)
+    assert model.calls == 0
+    assert not list(tmp_path.glob("x.ckpt*")) and not leftover_temporaries(tmp_path)

@@ -107,7 +107,8 @@ def _expect_error(call) -> str:
 def _scenarios(rank: int, out: Path) -> None:
     # Float64 over a DistributedSampler: plain (x, y) items, then IndexedDataset items.
     dataset = make_dataset(N64, torch.float64)
-    for name, data, batch in (("f64_plain", dataset, 4), ("f64_indexed", IndexedDataset(dataset), 3)):
+    for name, data, batch in (("f64_plain", dataset, 4),
+                              ("f64_indexed", IndexedDataset(dataset), 3)):
         loader = DataLoader(data, batch_size=batch, sampler=sampler(data, rank, seed=7))
         sketch(make_model(torch.float64), loader, M64, SEED64, torch.float64,
                distributed=True).save(out / f"{name}.rank{rank}")
@@ -157,7 +158,8 @@ def _edge_scenarios(rank: int, out: Path) -> None:
     # One sample, two ranks: rank 1 holds only the sampler's padded repeat.
     tiny = make_dataset(1, torch.float64)
     _save_or_error(out, "tiny", rank, lambda: sketch(
-        make_model(torch.float64), DataLoader(tiny, batch_size=4, sampler=sampler(tiny, rank, seed=7)),
+        make_model(torch.float64),
+        DataLoader(tiny, batch_size=4, sampler=sampler(tiny, rank, seed=7)),
         M64, SEED64, torch.float64, distributed=True))
     # A loader without a DistributedSampler whose shuffled order changes on every pass.
     dataset = make_dataset(N64, torch.float64)
@@ -341,7 +343,8 @@ def test_all_reduce_of_hand_made_shards(ranks_output):
     ranks = load_ranks(ranks_output, "shards")
     assert_same(ranks[0], ranks[1], EXACT)
     feats, grads = make_shard_statistics()
-    assert sorted(torch.cat([shard_rows(r) for r in range(WORLD)]).tolist()) == list(range(N_SHARDS))
+    together = torch.cat([shard_rows(r) for r in range(WORLD)])
+    assert sorted(together.tolist()) == list(range(N_SHARDS))
     single = Representation(M_SHARDS, SEED_SHARDS, beta=0.5, dtype=torch.float64)
     single.update(feats, grads)                 # stream order 0..N-1 = the dataset indices
     single.row_keys = "index"

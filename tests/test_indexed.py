@@ -51,7 +51,10 @@ def make_data() -> Tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def reference_statistics(model: MLP, x: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+Statistics = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+
+
+def reference_statistics(model: MLP, x: torch.Tensor) -> Statistics:
     """``(F, G)`` per layer: outputs and expected cross-entropy gradients under q ∝ p^beta.
 
     For one sample, ``E_q[d CE(logits, y) / d logits] = p - q``; back-propagating
@@ -100,7 +103,8 @@ def assert_matches_reference(rep: Representation, model: MLP, x: torch.Tensor,
         torch.testing.assert_close(layer.sketch_g, S @ g, **TOL)
         torch.testing.assert_close(layer.sum_f, f.sum(0), **TOL)
         torch.testing.assert_close(layer.sum_g, g.sum(0), **TOL)
-        torch.testing.assert_close(layer.trace, (f.square().sum(1) * g.square().sum(1)).sum(), **TOL)
+        trace = (f.square().sum(1) * g.square().sum(1)).sum()
+        torch.testing.assert_close(layer.trace, trace, **TOL)
     torch.testing.assert_close(rep.sketch_ones, S.sum(1, keepdim=True), **TOL)
 
 
@@ -190,8 +194,10 @@ def test_merge_of_index_disjoint_halves_equals_one_shot(setting, sorted_indexed)
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(6))
     halves = perm[:N // 2].tolist(), perm[N // 2:].tolist()
     dataset = IndexedDataset(TensorDataset(x, y))
-    parts = [sketch(model, DataLoader(dataset, batch_size=batch, sampler=SubsetRandomSampler(
-        half, generator=torch.Generator().manual_seed(batch)))) for half, batch in zip(halves, (7, 12))]
+    parts = []
+    for half, batch in zip(halves, (7, 12)):
+        order = SubsetRandomSampler(half, generator=torch.Generator().manual_seed(batch))
+        parts.append(sketch(model, DataLoader(dataset, batch_size=batch, sampler=order)))
     # The halves interleave, so neither is a contiguous block of indices.
     assert len(parts[0].row_intervals) > 1 and len(parts[1].row_intervals) > 1
     for merged in (parts[0].merge(parts[1]), parts[1].merge(parts[0])):
@@ -200,7 +206,8 @@ def test_merge_of_index_disjoint_halves_equals_one_shot(setting, sorted_indexed)
     assert parts[0].n == N // 2  # merge returns a new representation
     with pytest.raises(ValueError, match="overlap"):
         parts[0].merge(parts[0])
-    overlapping = sketch(model, DataLoader(dataset, batch_size=8, sampler=halves[1][:5] + halves[0][:1]))
+    overlapping = sketch(model, DataLoader(dataset, batch_size=8,
+                                           sampler=halves[1][:5] + halves[0][:1]))
     with pytest.raises(ValueError, match="overlap"):
         parts[0].merge(overlapping)
 
@@ -220,7 +227,8 @@ def test_merge_of_indexed_with_stream_numbered_raises(setting):
 
 def test_duplicate_index_within_a_batch_raises(setting):
     model, x, y = setting
-    loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_sampler=[[0, 1, 2], [3, 4, 4, 5]])
+    loader = DataLoader(IndexedDataset(TensorDataset(x, y)),
+                        batch_sampler=[[0, 1, 2], [3, 4, 4, 5]])
     with pytest.raises(ValueError, match="duplicate"):
         sketch(model, loader)
     assert no_hooks_left(model)
