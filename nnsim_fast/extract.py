@@ -160,11 +160,14 @@ def unpack_batch(batch) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[
             return batch[0], None, None
         if len(batch) == 2:
             return batch[0], batch[1], None
-        if len(batch) == 3:
-            # IndexedDataset items: (index, x, y)
+        if len(batch) == 3 and isinstance(batch[0], torch.Tensor) and batch[0].dim() == 1 \
+                and not batch[0].is_floating_point() and batch[0].dtype != torch.bool:
+            # (index, x, y): a 1-D integer tensor of dataset indices first
             return batch[1], batch[2], batch[0]
-    raise TypeError(f"cannot read a batch of type {type(batch).__name__}; use tensors x, (x, y), "
-                    "(index, x, y) or a dict with 'x', 'y' and 'index'")
+    raise TypeError(f"cannot read a batch of type {type(batch).__name__}"
+                    f"{' of length ' + str(len(batch)) if isinstance(batch, (tuple, list)) else ''}; "
+                    "use x, (x, y), (index, x, y) with 1-D integer indices, or a dict with "
+                    "'x', 'y' and 'index'")
 
 
 def expected_gradient_objective(logits: torch.Tensor, beta: float) -> torch.Tensor:
@@ -179,6 +182,13 @@ def expected_gradient_objective(logits: torch.Tensor, beta: float) -> torch.Tens
         q = torch.softmax(beta * torch.log_softmax(logits64, dim=1), dim=1)
         direction = (p - q).to(logits.dtype)
     return (logits * direction).sum()
+
+
+def _index_tensor(index, batch_index: int) -> torch.Tensor:
+    rows = torch.as_tensor(index)
+    if rows.dtype == torch.bool or rows.is_floating_point() or rows.is_complex():
+        raise TypeError(f"batch {batch_index}: dataset indices must be integers, got {rows.dtype}")
+    return rows.to(torch.int64)
 
 
 def _flatten(t: torch.Tensor, spatial: str, is_gradient: bool) -> torch.Tensor:
@@ -202,9 +212,14 @@ def _progress_bar(data, progress: Optional[bool]):
     if progress is None:
         progress = sys.stderr.isatty()
     total = None
-    dataset = getattr(data, "dataset", None)
-    if dataset is not None and hasattr(dataset, "__len__"):
-        total = len(dataset)
+    # A DataLoader's sampler knows how many samples this process will see (a
+    # DistributedSampler shard, a subset); fall back to the dataset's length.
+    for source in (getattr(data, "sampler", None), getattr(data, "dataset", None)):
+        try:
+            total = len(source)
+            break
+        except TypeError:
+            continue
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
@@ -319,7 +334,8 @@ def sketch_model(model: nn.Module, data: Iterable, layers: Optional[Sequence[str
                 "target": target, "loss_fn": loss_fn is not None, "spatial": spatial,
                 "dtype": str(dtype), "product": product, "mean_embedding": mean_embedding,
                 "psi": psi, "psi_budget": psi_budget, "psi_dim": psi_dim,
-                "max_batches": max_batches, "distributed": distributed}
+                "max_batches": max_batches, "distributed": distributed,
+                "world_size": _world_size(group) if distributed else 1}
     rank_suffix = ""
     planned_rows: Optional[List[List[int]]] = None
     if distributed:
@@ -361,7 +377,7 @@ def sketch_model(model: nn.Module, data: Iterable, layers: Optional[Sequence[str
                     if bar is not None:
                         bar.update(int(x.shape[0]))
                     continue
-                rows = None if index is None else torch.as_tensor(index).to(torch.int64)
+                rows = None if index is None else _index_tensor(index, batch_index)
                 keep = None
                 if planned_rows is not None:
                     rows, keep = _planned_batch_rows(planned_rows, batch_index, rows, x.shape[0])
@@ -377,7 +393,8 @@ def sketch_model(model: nn.Module, data: Iterable, layers: Optional[Sequence[str
                 if rows is None or rows.numel():
                     rep.update(features, gradients, rows=rows, product=product,
                                mean_embedding=mean_embedding, psi=psi, psi_budget=psi_budget,
-                               psi_dim=psi_dim, feature_shapes=shapes)
+                               psi_dim=psi_dim, feature_shapes=shapes,
+                               label=f"batch {batch_index}")
                 if bar is not None:
                     bar.update(int(x.shape[0]))
                 if checkpoint is not None and checkpoint_every is not None and \
@@ -422,10 +439,6 @@ def _batch_statistics(model, probe: LayerProbe, names: List[str], x: torch.Tenso
             grad = torch.zeros_like(feature)
         f = _flatten(feature, spatial, is_gradient=False)
         g = _flatten(grad, spatial, is_gradient=True)
-        for what, t in (("features", f), ("gradients", g)):
-            if not bool(torch.isfinite(t).all()):
-                raise FloatingPointError(f"non-finite {what} at layer {name!r} in "
-                                         f"batch {batch_index}")
         features[name], gradients[name] = f, g
         shapes[name] = tuple(feature.shape[1:])
     probe.reset()
@@ -449,42 +462,42 @@ def _resume(path: str, settings: Dict, device) -> Optional[Tuple[Representation,
 
 # --------------------------------------------------------------------------- distributed
 
-def _distributed_plan(data, group) -> Tuple[List[List[int]], str]:
-    """Dataset indices of this rank's batches, with rows repeated across ranks assigned once.
+def _world_size(group) -> int:
+    import torch.distributed as dist
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
-    The DataLoader's batch sampler (e.g. over a DistributedSampler) tells which
-    dataset index each row of each batch is.  DistributedSampler pads the last
-    round with repeats of the first indices; a repeated index is kept only on
-    the lowest rank (and first position) that holds it, so no sample counts twice.
-    Entries of dropped rows are -1.
+
+def _distributed_plan(data, group) -> Tuple[List[List[int]], str]:
+    """Dataset indices of this rank's batches; ``-1`` marks a row another rank owns.
+
+    With a ``DistributedSampler`` (no ``drop_last``), rank r's p-th sample sits at
+    position ``r + p * world`` of the padded global order, and positions at or
+    past ``len(dataset)`` repeat earlier samples: those rows are dropped, so no
+    sample counts twice and nothing is exchanged.  Other samplers must give each
+    sample to one rank only (checked when the ranks' rows are summed).
     """
     import torch.distributed as dist
+    from torch.utils.data.distributed import DistributedSampler
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("distributed=True needs an initialised torch.distributed process "
                            "group (e.g. launched with torchrun and init_process_group)")
     batch_sampler = getattr(data, "batch_sampler", None)
-    if batch_sampler is None:
-        raise TypeError("distributed=True needs a torch DataLoader with a sampler (e.g. "
-                        "DistributedSampler) so that each row's dataset index is known")
-    batches = [[int(i) for i in batch] for batch in batch_sampler]
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    gathered: List[Optional[List[List[int]]]] = [None] * world
-    dist.all_gather_object(gathered, batches, group=group)
-    owner: Dict[int, Tuple[int, int]] = {}
-    for r, rank_batches in enumerate(gathered):
-        position = 0
-        for batch in rank_batches:
-            for index in batch:
-                owner.setdefault(index, (r, position))
-                position += 1
+    sampler = getattr(data, "sampler", None)
+    if batch_sampler is None or not isinstance(sampler, DistributedSampler):
+        raise TypeError("distributed=True needs a torch DataLoader whose sampler is a "
+                        "DistributedSampler (its order is the same on every pass, so each row's "
+                        "dataset index is known)")
+    world, rank = sampler.num_replicas, sampler.rank
+    size = len(sampler.dataset)
     plan, position = [], 0
-    for batch in batches:
+    for batch in batch_sampler:
         kept = []
         for index in batch:
-            kept.append(index if owner[index] == (rank, position) else -1)
+            padded = not sampler.drop_last and rank + position * world >= size
+            kept.append(-1 if padded else int(index))
             position += 1
         plan.append(kept)
-    return plan, f".rank{rank}"
+    return plan, f".rank{dist.get_rank(group)}"
 
 
 def _planned_batch_rows(plan: List[List[int]], batch_index: int, rows: Optional[torch.Tensor],

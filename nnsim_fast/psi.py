@@ -36,8 +36,9 @@ def axis_seeds(seed: int) -> Tuple[int, int]:
 
 def psi_width(df: int, dg: int, m: int, budget: int = DEFAULT_PSI_BUDGET,
               dim: int = DEFAULT_PSI_DIM) -> int:
-    """Width of the per-sample psi vector: ``df * dg`` (exact) or the TensorSketch ``dim``."""
-    return df * dg if m * df * dg <= budget else dim
+    """Width of the per-sample psi vector: ``df * dg`` (exact) when it fits the budget or
+    is no wider than ``dim``, else the TensorSketch width ``dim``."""
+    return df * dg if (m * df * dg <= budget or df * dg <= dim) else dim
 
 
 def psi_features(f: torch.Tensor, g: torch.Tensor, width: int, seed: int) -> torch.Tensor:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -66,20 +65,6 @@ class LayerSketch:
         return out
 
 
-def _intervals_union(a: List[List[int]], b: List[List[int]]) -> List[List[int]]:
-    merged: List[List[int]] = []
-    for start, stop in sorted(a + b):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], stop)
-        else:
-            merged.append([start, stop])
-    return merged
-
-
-def _intervals_overlap(a: List[List[int]], b: List[List[int]]) -> bool:
-    return any(s1 < e2 and s2 < e1 for s1, e1 in a for s2, e2 in b)
-
-
 def rows_to_intervals(rows: torch.Tensor) -> List[List[int]]:
     """Sorted, merged ``[start, stop)`` intervals covering the given row indices."""
     if rows.numel() == 0:
@@ -89,6 +74,101 @@ def rows_to_intervals(rows: torch.Tensor) -> List[List[int]]:
     starts = torch.cat([r[:1], r[breaks]]).tolist()
     stops = torch.cat([r[breaks - 1], r[-1:]]).add(1).tolist()
     return [[int(s), int(e)] for s, e in zip(starts, stops)]
+
+
+class RowSet:
+    """The set of (non-negative) global rows a representation holds.
+
+    Stream-numbered rows form one interval and are kept as intervals;
+    dataset-index rows are kept as a bitmap (one byte per index up to the
+    largest), so adding a batch and checking it for repeats costs O(batch)
+    whatever the order or interleaving of the indices.
+    """
+
+    def __init__(self, intervals: Optional[List[List[int]]] = None) -> None:
+        self._intervals: List[List[int]] = [list(iv) for iv in intervals or []]
+        self._bits: Optional[torch.Tensor] = None
+
+    # -- views
+    @property
+    def intervals(self) -> List[List[int]]:
+        if self._bits is not None:
+            return rows_to_intervals(torch.nonzero(self._bits).flatten())
+        return [list(iv) for iv in self._intervals]
+
+    def bits(self, length: int = 0) -> torch.Tensor:
+        """The membership bitmap, at least ``length`` long."""
+        if self._bits is None:
+            top = max([stop for _, stop in self._intervals] + [0])
+            bits = torch.zeros(top, dtype=torch.bool)
+            for start, stop in self._intervals:
+                bits[start:stop] = True
+            self._bits, self._intervals = bits, []
+        if self._bits.numel() < length:
+            grown = torch.zeros(max(length, 2 * self._bits.numel()), dtype=torch.bool)
+            grown[: self._bits.numel()] = self._bits
+            self._bits = grown
+        return self._bits
+
+    def copy(self) -> "RowSet":
+        out = RowSet(self._intervals)
+        out._bits = None if self._bits is None else self._bits.clone()
+        return out
+
+    # -- updates
+    def add_range(self, start: int, stop: int) -> None:
+        if stop <= start:
+            return
+        if self._bits is not None:
+            self.bits(stop)[start:stop] = True
+        elif self._intervals and self._intervals[-1][1] == start:
+            self._intervals[-1][1] = stop
+        else:
+            self._intervals = _merge_intervals(self._intervals + [[start, stop]])
+
+    def check_new(self, rows: torch.Tensor) -> None:
+        """Raise if ``rows`` repeats an index, within itself or with the set."""
+        rows = rows.to("cpu", torch.int64)
+        if rows.numel() == 0:
+            return
+        if torch.unique(rows).numel() != rows.numel():
+            raise ValueError("rows contains duplicate indices within one batch")
+        bits = self.bits(int(rows.max()) + 1)
+        if bool(bits[rows].any()):
+            raise ValueError("rows repeats dataset indices already sketched in this "
+                             "representation; each sample may be added once")
+
+    def add_rows(self, rows: torch.Tensor) -> None:
+        rows = rows.to("cpu", torch.int64)
+        if rows.numel():
+            self.bits(int(rows.max()) + 1)[rows] = True
+
+    # -- set algebra
+    def overlaps(self, other: "RowSet") -> bool:
+        if self._bits is None and other._bits is None:
+            return any(s1 < e2 and s2 < e1 for s1, e1 in self._intervals
+                       for s2, e2 in other._intervals)
+        mine, theirs = self.copy().bits(), other.copy().bits()
+        n = min(mine.numel(), theirs.numel())
+        return bool((mine[:n] & theirs[:n]).any())
+
+    def union(self, other: "RowSet") -> "RowSet":
+        if self._bits is None and other._bits is None:
+            return RowSet(_merge_intervals(self._intervals + other._intervals))
+        out = self.copy()
+        theirs = other.copy().bits()
+        out.bits(theirs.numel())[: theirs.numel()] |= theirs
+        return out
+
+
+def _merge_intervals(intervals: List[List[int]]) -> List[List[int]]:
+    merged: List[List[int]] = []
+    for start, stop in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    return merged
 
 
 class Representation:
@@ -110,7 +190,7 @@ class Representation:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.layers: Dict[str, LayerSketch] = {}
         self.n = 0
-        self.row_intervals: List[List[int]] = []
+        self.rows = RowSet()
         self.row_keys: Optional[str] = None      # "stream" or "index", fixed by the first update
         self.sketch_ones = torch.zeros(m, 1, dtype=torch.float64, device=self.device)
         self.meta: Dict = {"beta": beta}
@@ -118,6 +198,11 @@ class Representation:
             self.meta.update(meta)
 
     # ------------------------------------------------------------------ building
+    @property
+    def row_intervals(self) -> List[List[int]]:
+        """The rows held, as sorted ``[start, stop)`` intervals of global row indices."""
+        return self.rows.intervals
+
     @property
     def layer_names(self) -> List[str]:
         return list(self.layers)
@@ -149,7 +234,8 @@ class Representation:
                *, rows: Optional[torch.Tensor] = None, product: bool = False,
                mean_embedding: bool = False, psi: bool = False,
                psi_budget: Optional[int] = None, psi_dim: Optional[int] = None,
-               feature_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None) -> None:
+               feature_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None,
+               label: str = "") -> None:
         """Add one batch: ``features[name]`` and ``gradients[name]`` are ``[B, d]`` matrices.
 
         ``product``, ``mean_embedding`` and ``psi`` add the optional statistics
@@ -157,10 +243,17 @@ class Representation:
         keeps ``S Psi`` exactly while ``m * df * dg <= psi_budget`` and a
         TensorSketch of width ``psi_dim`` otherwise (see :mod:`nnsim_fast.psi`).
 
+        Non-finite values raise ``FloatingPointError`` naming the layer (and
+        ``label``, e.g. the batch) and leave the representation unchanged.
+
         Rows are numbered in stream order (``rows=None``: this batch follows the
         rows already seen) or by dataset index (``rows``: int64 ``[B]``).  One
         representation uses one numbering throughout.
         """
+        if psi_budget is not None:
+            ops._check_int(psi_budget, "psi_budget", 0, 1 << 62)
+        if psi_dim is not None:
+            ops._check_int(psi_dim, "psi_dim", 1, 1 << 30)
         if set(features) != set(gradients):
             raise ValueError(f"features and gradients must name the same layers, got "
                              f"{sorted(features)} and {sorted(gradients)}")
@@ -176,27 +269,48 @@ class Representation:
             if rows.dim() != 1 or rows.shape[0] != batch:
                 raise ValueError(f"rows must be a 1-D tensor of length {batch}, got shape "
                                  f"{tuple(rows.shape)}")
+            if rows.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+                raise TypeError(f"rows must be an integer tensor of dataset indices, got {rows.dtype}")
             rows = rows.to(self.device, torch.int64)
-            new_intervals = rows_to_intervals(rows)
-            if sum(e - s for s, e in new_intervals) != batch:
-                raise ValueError("rows contains duplicate indices within one batch")
-            if _intervals_overlap(self.row_intervals, new_intervals):
-                raise ValueError("rows repeats dataset indices already sketched in this "
-                                 "representation; each sample may be added once")
+            if rows.numel() and bool((rows < 0).any()):
+                raise ValueError("rows must be non-negative dataset indices")
+            self.rows.check_new(rows)
             offset = 0
         else:
-            new_intervals = [[self.n, self.n + batch]] if batch else []
             offset = self.n
         if self.layers and set(features) != set(self.layers):
             raise ValueError(f"batch layers {sorted(features)} differ from the representation's "
                              f"{sorted(self.layers)}")
+        # Pass 1: check every layer and reduce the batch before anything is added,
+        # so a bad batch leaves the representation unchanged.
+        prepared = {}
         for name in features:
             f, g = features[name], gradients[name]
             if f.dim() != 2 or g.dim() != 2 or f.shape[0] != batch or g.shape[0] != batch:
                 raise ValueError(f"layer {name!r}: features and gradients must be [B, d] with "
                                  f"B={batch}, got {tuple(f.shape)} and {tuple(g.shape)}")
+            if name in self.layers:
+                layer = self.layers[name]
+                if layer.sketch_f.shape[1] != f.shape[1] or layer.sketch_g.shape[1] != g.shape[1]:
+                    raise ValueError(f"layer {name!r}: width changed from "
+                                     f"({layer.sketch_f.shape[1]}, {layer.sketch_g.shape[1]}) to "
+                                     f"({f.shape[1]}, {g.shape[1]})")
             f = f.to(self.device)
             g = g.to(self.device)
+            # Batch reductions in the data's precision (float32 for 16-bit data),
+            # accumulated across batches in float64.  A non-finite value anywhere
+            # makes its column sum non-finite, so the sums double as the check.
+            work = torch.float64 if f.dtype == torch.float64 else torch.float32
+            fw, gw = f.to(work), g.to(work)
+            sum_f, sum_g = fw.sum(0), gw.sum(0)
+            for what, total in (("features", sum_f), ("gradients", sum_g)):
+                if not bool(torch.isfinite(total).all()):
+                    where = f" in {label}" if label else ""
+                    raise FloatingPointError(f"non-finite {what} at layer {name!r}{where}")
+            trace = (fw.square().sum(1) * gw.square().sum(1)).sum(dtype=torch.float64)
+            prepared[name] = (f, g, sum_f.to(torch.float64), sum_g.to(torch.float64), trace)
+        # Pass 2: accumulate.
+        for name, (f, g, sum_f, sum_g, trace) in prepared.items():
             if name not in self.layers:
                 shape = tuple(feature_shapes[name]) if feature_shapes and name in feature_shapes \
                     else (f.shape[1],)
@@ -204,21 +318,16 @@ class Representation:
                 if psi:
                     from .psi import DEFAULT_PSI_BUDGET, DEFAULT_PSI_DIM, psi_width
                     width = psi_width(f.shape[1], g.shape[1], self.m,
-                                      psi_budget or DEFAULT_PSI_BUDGET, psi_dim or DEFAULT_PSI_DIM)
+                                      DEFAULT_PSI_BUDGET if psi_budget is None else psi_budget,
+                                      DEFAULT_PSI_DIM if psi_dim is None else psi_dim)
                 self.layers[name] = self._new_layer(name, f, g, product, mean_embedding, shape,
                                                     width)
             layer = self.layers[name]
-            if layer.sketch_f.shape[1] != f.shape[1] or layer.sketch_g.shape[1] != g.shape[1]:
-                raise ValueError(f"layer {name!r}: width changed from "
-                                 f"({layer.sketch_f.shape[1]}, {layer.sketch_g.shape[1]}) to "
-                                 f"({f.shape[1]}, {g.shape[1]})")
             ops.countsketch_pair_(layer.sketch_f, layer.sketch_g, f, g, self.seed, offset,
                                   self.sparsity, rows=rows)
-            # Exact statistics in float64, reduced without materialising float64 copies.
-            layer.sum_f += f.sum(0, dtype=torch.float64)
-            layer.sum_g += g.sum(0, dtype=torch.float64)
-            layer.trace += (torch.linalg.vector_norm(f, dim=1, dtype=torch.float64).square() *
-                            torch.linalg.vector_norm(g, dim=1, dtype=torch.float64).square()).sum()
+            layer.sum_f += sum_f
+            layer.sum_g += sum_g
+            layer.trace += trace
             if layer.sketch_fg is None and layer.mean_psi is None and layer.sketch_psi is None:
                 continue
             f64, g64 = f.to(torch.float64), g.to(torch.float64)
@@ -241,7 +350,10 @@ class Representation:
         ones = torch.ones(batch, 1, dtype=torch.float64, device=self.device)
         ops.countsketch_(self.sketch_ones, ones, self.seed, offset, self.sparsity, rows=rows)
         self.row_keys = keys
-        self.row_intervals = _intervals_union(self.row_intervals, new_intervals)
+        if rows is None:
+            self.rows.add_range(self.n, self.n + batch)
+        else:
+            self.rows.add_rows(rows)
         self.n += batch
 
     # ------------------------------------------------------------------ combining
@@ -261,7 +373,7 @@ class Representation:
                              f"{list(self.layers)} vs {list(other.layers)}")
         if self.row_keys and other.row_keys and self.row_keys != other.row_keys:
             raise ValueError("cannot merge a stream-numbered with an index-numbered representation")
-        if _intervals_overlap(self.row_intervals, other.row_intervals):
+        if self.rows.overlaps(other.rows):
             raise ValueError("cannot merge representations whose rows overlap: each sample must "
                              "be counted once (for stream-numbered batches, give the second "
                              "run a distinct row offset or use dataset indices)")
@@ -293,7 +405,7 @@ class Representation:
         out.sketch_ones += other.sketch_ones
         out.n += other.n
         out.row_keys = out.row_keys or other.row_keys
-        out.row_intervals = _intervals_union(out.row_intervals, other.row_intervals)
+        out.rows = out.rows.union(other.rows)
         return out
 
     def copy(self) -> "Representation":
@@ -302,7 +414,7 @@ class Representation:
         out.layers = {name: LayerSketch(**{**layer.__dict__, **{
             k: v.clone() for k, v in layer.tensors().items()}}) for name, layer in self.layers.items()}
         out.n, out.row_keys = self.n, self.row_keys
-        out.row_intervals = [list(iv) for iv in self.row_intervals]
+        out.rows = self.rows.copy()
         out.sketch_ones = self.sketch_ones.clone()
         return out
 
@@ -323,41 +435,79 @@ class Representation:
         """Sum this representation over the ranks of a torch.distributed process group.
 
         Every rank must have sketched the same layers with the same settings and
-        disjoint rows (for example shards of a ``DistributedSampler``); after the
-        call every rank holds the same representation.  Returns ``self``.
+        disjoint rows (for example shards of a ``DistributedSampler``); a rank
+        that saw no rows takes part with zeros.  After the call every rank holds
+        the same representation.  Returns ``self``.
         """
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("all_reduce needs an initialised torch.distributed process group")
         world = dist.get_world_size(group)
         # Agree on the structure first, so a mismatch is an error rather than a hang.
+        rows_length = self.rows.bits().numel() if self.row_keys == "index" else 0
         mine = {"m": self.m, "seed": self.seed, "sparsity": self.sparsity,
                 "layers": {k: {key: list(t.shape) for key, t in v.tensors().items()}
                            for k, v in self.layers.items()},
+                "shapes": {k: list(v.feature_shape) for k, v in self.layers.items()},
                 "dtype": str(self.dtype), "beta": self.meta.get("beta"),
-                "row_keys": self.row_keys, "intervals": self.row_intervals, "n": self.n}
+                "row_keys": self.row_keys, "n": self.n, "rows_length": rows_length,
+                "intervals": self.rows.intervals if self.row_keys == "stream" else None}
         gathered: List[Optional[Dict]] = [None] * world
         dist.all_gather_object(gathered, mine, group=group)
-        for key in ("m", "seed", "sparsity", "layers", "dtype", "beta"):
-            values = [g[key] for g in gathered]
+        active = [g for g in gathered if g["n"] > 0] or gathered
+        for key in ("m", "seed", "sparsity", "dtype", "beta", "layers"):
+            pool = gathered if key != "layers" else active
+            values = [g[key] for g in pool]
             if any(v != values[0] for v in values):
                 raise ValueError(f"ranks disagree on {key}: {values}")
-        intervals: List[List[int]] = []
-        for g in gathered:
-            if _intervals_overlap(intervals, g["intervals"]):
-                raise ValueError("ranks sketched overlapping rows; each sample must be counted "
-                                 "once (drop DistributedSampler padding or key rows by dataset "
-                                 "index and deduplicate)")
-            intervals = _intervals_union(intervals, g["intervals"])
+        keys = {g["row_keys"] for g in active if g["row_keys"]}
+        if len(keys) > 1:
+            raise ValueError("ranks mix stream-numbered and index-numbered rows")
+        row_keys = keys.pop() if keys else None
+        if not self.layers and active[0]["layers"]:
+            self._adopt_layers(active[0]["layers"], active[0]["shapes"])
+        # Rows: stream intervals are small; index bitmaps are summed, so an index
+        # held by two ranks shows up as a count above one.
+        if row_keys == "index":
+            length = max(g["rows_length"] for g in gathered)
+            counts = torch.zeros(length, dtype=torch.int32)
+            if self.row_keys == "index":
+                bits = self.rows.bits(length)[:length]
+                counts += bits.to(torch.int32)
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+            overlap = bool((counts > 1).any())
+            merged = RowSet()
+            merged.add_rows(torch.nonzero(counts).flatten())
+        else:
+            merged, overlap = RowSet(), False
+            for g in gathered:
+                theirs = RowSet(g["intervals"] or [])
+                overlap = overlap or merged.overlaps(theirs)
+                merged = merged.union(theirs)
+        if overlap:
+            raise ValueError("ranks sketched overlapping rows; each sample must be counted "
+                             "once (key rows by dataset index, e.g. with a DistributedSampler "
+                             "or IndexedDataset, so repeats can be dropped)")
         tensors = [self.sketch_ones]
         for layer in self.layers.values():
             tensors.extend(layer.tensors().values())
         for t in tensors:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         self.n = sum(g["n"] for g in gathered)
-        self.row_intervals = intervals
-        self.row_keys = next((g["row_keys"] for g in gathered if g["row_keys"]), None)
+        self.rows = merged
+        self.row_keys = row_keys
         return self
+
+    def _adopt_layers(self, layers: Dict[str, Dict[str, List[int]]],
+                      shapes: Dict[str, List[int]]) -> None:
+        """Zero statistics with the given structure (a rank that saw no rows)."""
+        for name, tensors in layers.items():
+            fields = {}
+            for key, shape in tensors.items():
+                exact = key.startswith("sum_") or key in ("trace", "mean_psi")
+                fields[key] = torch.zeros(shape, device=self.device,
+                                          dtype=torch.float64 if exact else self.dtype)
+            self.layers[name] = LayerSketch(feature_shape=tuple(shapes.get(name, ())), **fields)
 
     # ------------------------------------------------------------------ kernels
     def kernel(self, layer: str, kind: str = "hadamard", centering: str = "none") -> torch.Tensor:
@@ -396,7 +546,7 @@ class Representation:
         meta = {"format": FORMAT_VERSION, "library_version": _library_version(),
                 "m": self.m, "seed": self.seed, "sparsity": self.sparsity, "n": self.n,
                 "dtype": str(self.dtype).replace("torch.", ""), "row_keys": self.row_keys,
-                "row_intervals": self.row_intervals, "layers": layer_meta, "meta": self.meta}
+                "row_intervals": self.rows.intervals, "layers": layer_meta, "meta": self.meta}
         return tensors, meta
 
     def save(self, path: Union[str, os.PathLike]) -> None:
@@ -405,11 +555,14 @@ class Representation:
         tensors, meta = self.state()
         tensors = {k: v.detach().to("cpu") for k, v in tensors.items()}
         path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".nnsim-", suffix=".tmp", dir=directory)
-        os.close(fd)
+        # A fixed temporary name: a save interrupted by a crash leaves at most this
+        # one file behind, and the next save replaces it.
+        tmp = path + ".partial"
         try:
             save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta)})
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)   # as a plain open() would have created it
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -470,7 +623,7 @@ class Representation:
             raise bad(str(error)) from None
         m, dev = rep.m, rep.device
         rep.n, rep.row_keys = int(meta["n"]), meta["row_keys"]
-        rep.row_intervals = [list(iv) for iv in meta["row_intervals"]]
+        rep.rows = RowSet(meta["row_intervals"])
         if "sketch_ones" not in tensors or tuple(tensors["sketch_ones"].shape) != (m, 1):
             raise bad(f"sketch_ones missing or not of shape ({m}, 1)")
         rep.sketch_ones = tensors["sketch_ones"].to(dev)

@@ -292,8 +292,6 @@ def test_save_writes_a_temporary_then_renames(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
-@pytest.mark.xfail(strict=True, reason="save writes through tempfile.mkstemp, which creates "
-                   "the file with mode 0600 whatever the umask, and the rename keeps that mode")
 def test_saved_file_gets_the_permissions_the_umask_gives(tmp_path):
     rep = Representation(8, 1, beta=0.5, dtype=torch.float64)
     rep.update({"a": torch.ones(2, 3, dtype=torch.float64)},

@@ -153,8 +153,9 @@ def _scenarios(rank: int, out: Path) -> None:
 
 
 def _edge_scenarios(rank: int, out: Path) -> None:
-    """Cases the library gets wrong today (see the xfail tests); kept apart from the
-    main pair of processes so that a hang here cannot cost the other checks."""
+    """Edge cases (a rank with only padded repeats, a loader without a replayable
+    sampler), kept apart from the main pair of processes so that a hang here cannot
+    cost the other checks."""
     # One sample, two ranks: rank 1 holds only the sampler's padded repeat.
     tiny = make_dataset(1, torch.float64)
     _save_or_error(out, "tiny", rank, lambda: sketch(
@@ -394,9 +395,6 @@ def single_process(n: int) -> Representation:
                   M64, SEED64, torch.float64)
 
 
-@pytest.mark.xfail(strict=True, reason="a rank left with no rows after removing the sampler's "
-                   "padded repeats has no layers, and all_reduce reports that the ranks "
-                   "disagree on layers")
 def test_rank_with_only_padded_repeats(edge_output):
     error = edge_output / "tiny.rank0.txt"
     assert not error.exists(), error.read_text()
@@ -405,10 +403,6 @@ def test_rank_with_only_padded_repeats(edge_output):
     assert_same(single_process(1), ranks[0], dict(rtol=1e-10, atol=1e-10))
 
 
-@pytest.mark.xfail(strict=True, reason="distributed=True plans the rows from one pass over the "
-                   "loader's batch sampler; a sampler whose order changes between passes (a "
-                   "DataLoader with shuffle=True and no DistributedSampler) is neither detected "
-                   "nor handled")
 def test_loader_whose_order_changes_between_passes(edge_output):
     error = edge_output / "unreplayable.rank0.txt"
     if error.exists():                      # a clear refusal is acceptable
