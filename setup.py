@@ -41,7 +41,7 @@ def extension():
     sources = [os.path.relpath(p, ROOT) for p in
                sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))) +
                sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function", "-ffp-contract=off"]
     include = [os.path.join(ROOT, "csrc")]
     if want_cuda():
         sources += [os.path.relpath(p, ROOT) for p in

@@ -572,7 +572,9 @@ def _run(out: str, settings: DemoSettings, seed: int, log: _Log, bars: bool,
                      "desiderata": evaluate_desiderata(t2v_close),
                      "note": "cosine similarity (1 - Task2Vec cosine distance) of the diagonal "
                              "Fisher of the shared body (head excluded), labels drawn from the "
-                             "model, on the first task2vec_samples test images"},
+                             "model, on the first "
+                             f"{settings.task2vec_samples or 'all'} test images of the model's "
+                             "task"},
         "fisher_rao": {"norms": fr_norms, "distance": frd.tolist(), "mean_distance": frd_means,
                        "desiderata": evaluate_desiderata({k: -v for k, v in frd_means.items()}),
                        "note": "distance |n1 - n2| / sqrt(n1 n2); smaller = closer, the "

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <array>
 #include <vector>
 
@@ -78,6 +79,34 @@ Split make_split(int64_t m, int64_t df, int64_t dg) {
   return {ranges, col_tiles};
 }
 
+// The inner loop out += v * x, compiled for several instruction sets and
+// picked at load time (GCC function multiversioning), so one build runs
+// everywhere and uses AVX2/AVX-512 where present.  -ffp-contract=off keeps
+// the multiply and the add separately rounded in every clone, so every clone
+// gives the same bits.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define NNSIM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define NNSIM_CLONES
+#endif
+
+NNSIM_CLONES void axpy(float* __restrict out, const float* __restrict x, float v, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) out[c] += v * x[c];
+}
+
+NNSIM_CLONES void axpy(double* __restrict out, const double* __restrict x, double v, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) out[c] += v * x[c];
+}
+
+template <typename in_t, typename acc_t>
+inline void axpy_row(acc_t* __restrict out, const in_t* __restrict x, acc_t v, int64_t n) {
+  if constexpr (std::is_same_v<in_t, acc_t>) {
+    axpy(out, x, v, n);
+  } else {
+    for (int64_t c = 0; c < n; ++c) out[c] += v * static_cast<acc_t>(x[c]);
+  }
+}
+
 template <typename in_t>
 inline void prefetch_row(const in_t* row, int64_t width, int64_t col_stride) {
   if (col_stride != 1) return;
@@ -101,7 +130,7 @@ void add_rows(const in_t* __restrict x, int64_t row_stride, int64_t col_stride,
     acc_t* __restrict out = acc + static_cast<int64_t>(bucket[e]) * acc_cols + c0;
     const acc_t v = value[e];
     if (col_stride == 1) {
-      for (int64_t c = 0; c < width; ++c) out[c] += v * static_cast<acc_t>(x_row[c]);
+      axpy_row<in_t, acc_t>(out, x_row, v, width);
     } else {
       for (int64_t c = 0; c < width; ++c) out[c] += v * static_cast<acc_t>(x_row[c * col_stride]);
     }
