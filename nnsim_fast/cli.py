@@ -19,7 +19,7 @@ import json
 import os
 import re
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 PROG = "nnsim-fast"
 KINDS = ("hadamard", "feature", "gradient", "sum", "khatri_rao", "transport")
@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                          help="sketch accumulator precision (indices always use float64)")
     compare.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    compare.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                         help="torch CPU threads (default: torch's own choice)")
     compare.add_argument("--out", required=True, metavar="DIR", help="output directory")
     compare.add_argument("--no-plots", action="store_true", help="skip the PNG heatmaps")
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -507,7 +509,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError(f"a command is required: demo, compare or bench (see {PROG} --help)")
         if args.command == "demo":
             return _run_demo(args)
-        return _run_compare(args)
+        import torch
+
+        threads = torch.get_num_threads()
+        try:
+            if args.threads is not None:
+                torch.set_num_threads(args.threads)
+            return _run_compare(args)
+        finally:
+            torch.set_num_threads(threads)
     except UsageError as error:
         print(f"{error.prog}: error: {error}", file=sys.stderr)
         return 2

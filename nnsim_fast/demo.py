@@ -24,8 +24,8 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -97,7 +97,7 @@ def settings_for(mode: str) -> DemoSettings:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-# ------------------------------------------------------------------------------ small helpers
+# ------------------------------------------------------------------ batching and statistics
 
 def _indexed_batches(x: torch.Tensor, y: torch.Tensor, batch: int = _BATCH) -> List[Tuple]:
     """``(dataset index, x, y)`` batches: each sample's bucket then depends on its index only."""
@@ -348,7 +348,7 @@ def _model_matrix(stack: torch.Tensor, index: str) -> torch.Tensor:
 def _bures_factors_or_none(stack: torch.Tensor) -> Optional[torch.Tensor]:
     try:
         from .indices import _bures_factors, _nuclear_norm_of_products  # noqa: F401
-    except ImportError:  # the private helpers moved: fall back to the public nbs_matrix
+    except ImportError:  # the private functions moved: fall back to the public nbs_matrix
         return None
     return _bures_factors(stack.to(torch.float64), "kernels", False)
 
@@ -505,7 +505,7 @@ def _run(out: str, settings: DemoSettings, seed: int, log: _Log, bars: bool,
         f"{len(KINDS)} kernels x {len(INDICES)} indices")
     # Block x block heatmaps (step 5) compare replicate 0 of each task across tasks, and
     # replicates 0 and 1 within a task.
-    first = {entry.task: i for i, entry in reversed(list(enumerate(models)))}
+    first = {entry.task: i for i, entry in enumerate(models) if entry.replicate == 0}
     second = {entry.task: i for i, entry in enumerate(models) if entry.replicate == 1}
     heatmap_pairs = [(first["A"], first["B"]), (first["A"], first["C"]), (first["B"], first["C"])]
     heatmap_pairs += [(first[t], second[t]) for t in TASK_NAMES if t in second]
@@ -542,7 +542,7 @@ def _run(out: str, settings: DemoSettings, seed: int, log: _Log, bars: bool,
     lap("similarity")
     timings["similarity"] = round(timings["similarity"] - heatmap_seconds, 2)
     timings["heatmaps"] = round(heatmap_seconds, 2)
-    log(f"[5/{steps}] block x block heatmaps for pairs of tasks: "
+    log(f"[5/{steps}] block x block matrices (computed with the kernels of step 4) for "
         f"{', '.join(next(iter(heatmaps.values())))}")
 
     log(f"[6/{steps}] baselines: Task2Vec (diagonal Fisher) and Fisher-Rao norms")

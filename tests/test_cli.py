@@ -154,11 +154,13 @@ def test_compare_matches_a_dense_reference(workdir, capsys):
 
 def test_compare_one_model_gives_its_own_layer_by_layer_matrix(workdir, capsys):
     out = workdir.path / "self"
+    threads = torch.get_num_threads()
     code, stdout, err = run(capsys, "compare", "--model", f"{workdir.module}:tiny", "--weights",
                             workdir.weights[0], "--data", "inputs_only.pt", "--m", 8,
                             "--index", "nbs", "--kind", "feature", "--out", out, "--no-plots",
-                            "--no-progress")
+                            "--no-progress", "--threads", 1)
     assert code == 0, err
+    assert torch.get_num_threads() == threads      # --threads applies to the command only
     result = json.loads((out / "similarity.json").read_text())
     matrix = np.array(result["pairs"][0]["matrix"])
     # Default layers: the model's direct children; a layer compared with itself scores 1.
@@ -219,6 +221,7 @@ def base_args(workdir, **overrides):
     ({"--index": "cosine"}, "invalid choice"),
     ({"--kind": "weird"}, "invalid choice"),
     ({"--beta": "1.5"}, "(0, 1]"),
+    ({"--threads": "0"}, "positive integer"),
     ({"--model-kwargs": "{width: 3"}, "not valid JSON"),
     ({"--model-kwargs": "[1, 2]"}, "JSON object"),
     ({"--layers": ["fc1", "fc9"]}, "'fc9' is not a module"),

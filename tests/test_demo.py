@@ -1,4 +1,4 @@
-"""Tests of the demo: its tasks, models and analysis helpers, and the demo end to end.
+"""Tests of the demo: its tasks, models and analysis functions, and the demo end to end.
 
 The end-to-end runs: ``demo --tiny`` twice (a smoke test of every stage, then the weight cache
 and run-to-run determinism) and the real ``demo --quick`` once, through the command line.
@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("sklearn")
 
 from nnsim_fast import cli, demo, ops, sketch_model  # noqa: E402
-from nnsim_fast.datasets import (SHAPE_CLASSES, digits_task, digits_weight_task,  # noqa: E402
+from nnsim_fast.datasets import (SHAPE_CLASSES, digits_task,  # noqa: E402
                                  load_tasks, render_shapes, shapes_task)
 from nnsim_fast.indices import cka_matrix, nbs, nbs_matrix  # noqa: E402
 from nnsim_fast.models import SmallResNet, TrainConfig, load_or_train  # noqa: E402
@@ -142,7 +142,7 @@ def test_weight_cache_reuses_and_repairs(tmp_path):
         assert torch.equal(a, b)
 
 
-# ------------------------------------------------------------------------------ analysis helpers
+# ------------------------------------------------------------------------------ analysis functions
 
 def test_features_and_gradients_match_the_sketch():
     torch.manual_seed(3)

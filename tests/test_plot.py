@@ -1,6 +1,5 @@
 """Tests of nnsim_fast.plot: files written, fixed colour scale, annotations, bad input, lazy import."""
 
-import math
 import subprocess
 import sys
 
