@@ -22,7 +22,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 PROG = "nnsim-fast"
-KINDS = ("hadamard", "feature", "gradient", "sum", "khatri_rao", "transport")
+KINDS = ("hadamard", "feature", "gradient", "sum", "khatri_rao", "psi", "transport")
 
 
 class UsageError(Exception):
@@ -397,6 +397,7 @@ def _run_compare(args: argparse.Namespace) -> int:
             rep = sketch_model(model, batches, layers=layers, m=args.m, seed=args.seed,
                                beta=args.beta, target=args.target, spatial=args.spatial,
                                dtype=getattr(torch, args.dtype),
+                               product=args.kind == "khatri_rao", psi=args.kind == "psi",
                                progress=False if args.no_progress else None)
         except (RuntimeError, ValueError, TypeError, FloatingPointError) as error:
             raise UsageError(f"sketching {label} on --data {args.data!r} (inputs "

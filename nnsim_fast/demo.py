@@ -35,8 +35,7 @@ from . import __version__, ops
 from .baselines import fisher_rao_distance, fisher_rao_norm, task2vec_distance, task2vec_embedding
 from .compare import mean_embedding_norm
 from .datasets import TASK_NAMES, Task, load_tasks
-from .extract import LayerProbe, eval_mode, expected_gradient_objective
-from .extract import sketch_model
+from .extract import eval_mode, features_and_gradients, sketch_model
 from .indices import cka_matrix, nbs_matrix
 from .krr import SketchedKRR, onehot, sketch_targets
 from .models import SmallResNet, TrainConfig, accuracy, load_or_train
@@ -147,32 +146,6 @@ class DemoModel:
 
 
 # ------------------------------------------------------------------------------ analysis parts
-
-def features_and_gradients(model: nn.Module, x: torch.Tensor, layers: Sequence[str],
-                           beta: float = 0.5, batch: int = _BATCH
-                           ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """Flattened features f and expected gradients g (float64 ``[N, d]``) of every sample.
-
-    The same quantities that :func:`nnsim_fast.sketch_model` sketches (``spatial="flatten"``,
-    expected gradient under ``q ∝ p^beta``), kept per sample: kernel ridge regression needs
-    each test point's own ``f`` and ``g`` to form its kernel against the sketched buckets.
-    """
-    out: Dict[str, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {n: ([], []) for n in layers}
-    with eval_mode(model), LayerProbe(model, layers) as probe, torch.enable_grad():
-        for chunk in x.split(batch):
-            probe.reset()
-            logits = model(chunk)
-            grads = torch.autograd.grad(expected_gradient_objective(logits, beta),
-                                        [probe.deltas[name] for name in layers],
-                                        allow_unused=True)
-            for name, grad in zip(layers, grads):
-                feature = probe.features[name]
-                grad = torch.zeros_like(feature) if grad is None else grad
-                out[name][0].append(feature.reshape(feature.shape[0], -1).to(torch.float64))
-                out[name][1].append(grad.reshape(grad.shape[0], -1).to(torch.float64))
-            probe.reset()
-    return {name: (torch.cat(fs), torch.cat(gs)) for name, (fs, gs) in out.items()}
-
 
 def sketched_krr_accuracy(model: nn.Module, task: Task, layers: Sequence[str], m: int,
                           seed: int) -> List[float]:
@@ -328,29 +301,7 @@ def _model_matrix(stack: torch.Tensor, index: str) -> torch.Tensor:
     """``[R, R]`` similarity of ``R`` centred kernels ``[R, m, m]`` with each other."""
     if index == "cka":
         return cka_matrix(stack, stack, centered=False)
-    factors = _bures_factors_or_none(stack)
-    if factors is None:
-        return nbs_matrix(stack, stack, centered=False)
-    from .indices import _nuclear_norm_of_products
-    # NBS is symmetric: one eigendecomposition per kernel and one SVD per unordered pair,
-    # where nbs_matrix(stack, stack) pays two and R^2.
-    count = stack.shape[0]
-    out = torch.zeros(count, count, dtype=torch.float64)
-    for i in range(count):
-        out[i, i] = factors[i].square().sum()       # Tr K / Tr K: 1, or 0 if degenerate
-        if i + 1 < count:
-            values = _nuclear_norm_of_products(factors[i + 1:], factors[i]).to("cpu")
-            out[i, i + 1:] = values
-            out[i + 1:, i] = values
-    return out.clamp_(0.0, 1.0)
-
-
-def _bures_factors_or_none(stack: torch.Tensor) -> Optional[torch.Tensor]:
-    try:
-        from .indices import _bures_factors, _nuclear_norm_of_products  # noqa: F401
-    except ImportError:  # the private functions moved: fall back to the public nbs_matrix
-        return None
-    return _bures_factors(stack.to(torch.float64), "kernels", False)
+    return nbs_matrix(stack, centered=False)
 
 
 def _cross_matrix(Ks_a: torch.Tensor, Ks_b: torch.Tensor, index: str) -> torch.Tensor:

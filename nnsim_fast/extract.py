@@ -445,6 +445,35 @@ def _batch_statistics(model, probe: LayerProbe, names: List[str], x: torch.Tenso
     return features, gradients, shapes
 
 
+def features_and_gradients(model: nn.Module, x: torch.Tensor, layers: Sequence[str],
+                           beta: float = 0.5, *, spatial: str = "flatten", batch: int = 256,
+                           target: str = "expected", y: Optional[torch.Tensor] = None,
+                           loss_fn: Optional[Callable] = None,
+                           output_fn: Optional[Callable] = None
+                           ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """Per-sample features and expected gradients, unsketched: ``{layer: (f, g)}``, float64 ``[N, d]``.
+
+    The same quantities :func:`sketch_model` sketches (same options), kept per
+    sample -- for small N, tests, or a test point's own ``f`` and ``g`` (e.g.
+    kernel ridge regression against sketched buckets).
+    """
+    names = resolve_layers(model, layers)
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"beta must be in (0, 1], got {beta!r}")
+    device = _model_device(model)
+    out: Dict[str, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {n: ([], []) for n in names}
+    labels = [None] * len(x.split(batch)) if y is None else list(y.split(batch))
+    with eval_mode(model), LayerProbe(model, names) as probe, torch.enable_grad():
+        for index, (chunk, chunk_y) in enumerate(zip(x.split(batch), labels)):
+            feats, grads, _ = _batch_statistics(model, probe, names, chunk.to(device), chunk_y,
+                                                index, output_fn or default_output_fn, target,
+                                                loss_fn, beta, spatial)
+            for name in names:
+                out[name][0].append(feats[name].to(torch.float64))
+                out[name][1].append(grads[name].to(torch.float64))
+    return {name: (torch.cat(fs), torch.cat(gs)) for name, (fs, gs) in out.items()}
+
+
 def _resume(path: str, settings: Dict, device) -> Optional[Tuple[Representation, int, bool]]:
     """The checkpointed representation, batches done and completion, if ``path`` exists."""
     if not os.path.exists(path):

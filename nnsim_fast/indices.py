@@ -402,13 +402,17 @@ def nbs(K1: Tensor, K2: Tensor, centered: bool = True) -> float:
     return float(value.clamp(0.0, 1.0))
 
 
-def nbs_matrix(Ks_a: KernelStack, Ks_b: KernelStack, centered: bool = True) -> Tensor:
+def nbs_matrix(Ks_a: KernelStack, Ks_b: Optional[KernelStack] = None,
+               centered: bool = True) -> Tensor:
     """NBS similarity between every kernel of ``Ks_a`` and every kernel of ``Ks_b``.
 
     Each kernel is eigendecomposed once (square-root factor ``K^1/2``); entry
     ``[i, j]`` equals ``nbs(Ks_a[i], Ks_b[j], centered)``.  Cost: ``La + Lb``
     eigendecompositions and ``La * Lb`` singular-value computations of ``r x r``
-    matrices, ``r <= n`` the largest numerical rank of the kernels.
+    matrices, ``r <= n`` the largest numerical rank of the kernels.  With
+    ``Ks_b`` omitted (or the same object as ``Ks_a``) the ``[L, L]`` matrix of
+    the stack with itself uses its symmetry: ``L`` eigendecompositions and one
+    singular-value computation per unordered pair.
 
     Range: similarities in [0, 1]; degenerate kernels give 0.0, not NaN.
 
@@ -421,6 +425,17 @@ def nbs_matrix(Ks_a: KernelStack, Ks_b: KernelStack, centered: bool = True) -> T
         float64 tensor ``[La, Lb]`` on the device of ``Ks_a``.
     """
     stack_a = _stack(Ks_a, "Ks_a")
+    if Ks_b is None or Ks_b is Ks_a:
+        factors = _bures_factors(stack_a, "Ks_a", centered)
+        count = factors.shape[0]
+        out = torch.zeros(count, count, dtype=torch.float64, device=factors.device)
+        for i in range(count):
+            out[i, i] = factors[i].square().sum()      # Tr K / Tr K: 1, or 0 if degenerate
+            if i + 1 < count:
+                values = _nuclear_norm_of_products(factors[i + 1:], factors[i])
+                out[i, i + 1:] = values
+                out[i + 1:, i] = values
+        return out.clamp_(0.0, 1.0)
     stack_b = _stack(Ks_b, "Ks_b")
     _check_same_n(stack_a, stack_b, "Ks_a", "Ks_b")
     factors_a = _bures_factors(stack_a, "Ks_a", centered)

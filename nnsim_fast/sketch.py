@@ -15,10 +15,9 @@ It follows the update / compute / merge shape of a streaming metric:
 from __future__ import annotations
 
 import json
-import math
 import os
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 

@@ -171,6 +171,29 @@ def test_compare_one_model_gives_its_own_layer_by_layer_matrix(workdir, capsys):
     assert not list(out.glob("*.png"))
 
 
+@pytest.mark.parametrize("kind", ["khatri_rao", "psi"])
+def test_compare_kinds_that_need_extra_statistics(workdir, capsys, kind):
+    # These kinds need statistics sketch_model only keeps on request (product=, psi=);
+    # compare must ask for them and match the library called directly.
+    out = workdir.path / kind
+    code, _, err = run(capsys, "compare", "--model", f"{workdir.module}:tiny", "--weights",
+                       *workdir.weights, "--data", "inputs_only.pt", "--m", 8, "--kind", kind,
+                       "--layers", "fc1", "fc2", "--dtype", "float64", "--out", out,
+                       "--no-plots", "--no-progress")
+    assert code == 0, err
+    matrix = np.array(json.loads((out / "similarity.json").read_text())["pairs"][0]["matrix"])
+    x = workdir.x
+    reps = []
+    for weights in workdir.weights:
+        model = workdir.Tiny()
+        model.load_state_dict(torch.load(weights))
+        reps.append(nnsim_fast.sketch_model(model, [x], layers=["fc1", "fc2"], m=8, seed=0,
+                                            dtype=torch.float64, product=True, psi=True,
+                                            progress=False))
+    expected, _, _ = nnsim_fast.similarity(reps[0], reps[1], kind=kind)
+    np.testing.assert_allclose(matrix, expected.numpy(), atol=1e-6)
+
+
 def test_identical_weights_are_identical_at_every_layer(workdir, capsys):
     copy = workdir.path / "copy.pt"
     copy.write_bytes((workdir.path / "model1.pt").read_bytes())

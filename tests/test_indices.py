@@ -397,6 +397,20 @@ def test_nbs_matrix_equals_loop_of_nbs():
         assert torch.all(table[2] == 0.0)
 
 
+def test_nbs_matrix_of_a_stack_with_itself_equals_loop_of_nbs():
+    # The symmetric path (Ks_b omitted) computes each unordered pair once.
+    rng = np.random.default_rng(23)
+    n = 12
+    stack = np.stack([random_psd(rng, n, rank=r) for r in (2, 5, 12)] + [np.zeros((n, n))])
+    for centered in (True, False):
+        table = nbs_matrix(t(stack), centered=centered)
+        assert table.shape == (4, 4) and torch.equal(table, table.T)
+        for i in range(4):
+            for j in range(4):
+                expected = nbs(t(stack[i]), t(stack[j]), centered=centered)
+                assert float(table[i, j]) == pytest.approx(expected, abs=1e-12)
+
+
 # --------------------------------------------------------------------------- bad input
 
 SQUARE = torch.eye(5, dtype=torch.float64)
