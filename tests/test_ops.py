@@ -546,7 +546,8 @@ def run_all_ops(f, g, rows, grad_y, a, b, m, seed, offset, sparsity):
             *ops.countsketch_pair(f, g, m, seed, offset, sparsity, rows=rows),
             acc_f, acc_g,
             NATIVE.countsketch_backward(grad_y, rows, f.shape[0], seed, offset, sparsity),
-            ops.hadamard_gram(a, b))
+            ops.hadamard_gram(a, b),                  # symmetric blocks (m = 300)
+            ops.hadamard_gram(b[:, :200].repeat(1, 1, 40), a[:, :200]))   # batched GEMMs (m = 200)
 
 
 # Several row chunks; fewer buckets than threads (work split by columns); many buckets and chunks.

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -31,6 +32,9 @@ constexpr int64_t kMinTileCols = 16;
 // Below this many multiply-adds a call stays on the calling thread.
 constexpr int64_t kSerialWork = 1 << 16;
 constexpr int64_t kGramBlock = 128;
+// Below this m, hadamard_gram uses batched GEMMs rather than symmetric blocks.
+constexpr int64_t kGramBlockedMinM = 256;
+constexpr int64_t kGramMinBlockPairs = 8;
 
 inline int64_t global_row(const int64_t* rows, int64_t offset, int64_t i) {
   return offset + (rows != nullptr ? rows[i] : i);
@@ -322,11 +326,17 @@ at::Tensor hadamard_gram_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const at::Tensor b = b_in.to(dtype).contiguous();
   const int64_t batch = a.size(0);
   const int64_t m = a.size(1);
-  at::Tensor out = at::empty({batch, m, m}, a.options());
-  if (batch == 0 || m == 0) return out;
-  // Smaller blocks save more of the symmetric half but make smaller GEMMs.
-  const int64_t block = m <= 2 * kGramBlock ? kGramBlock / 2 : kGramBlock;
+  const int64_t block = kGramBlock;
   const int64_t blocks = (m + block - 1) / block;
+  const int64_t block_pairs = batch * blocks * (blocks + 1) / 2;
+  // The choice depends on shapes only (never on the thread count), so the bits
+  // do too.
+  if (m < kGramBlockedMinM || block_pairs < kGramMinBlockPairs) {
+    // Small Grams, or too few blocks to share out: skipping the symmetric half
+    // saves less than it costs, so two batched GEMMs and an in-place multiply.
+    return at::bmm(a, a.transpose(1, 2)).mul_(at::bmm(b, b.transpose(1, 2)));
+  }
+  at::Tensor out = at::empty({batch, m, m}, a.options());
   std::vector<std::array<int64_t, 3>> tasks;
   for (int64_t k = 0; k < batch; ++k)
     for (int64_t bi = 0; bi < blocks; ++bi)
