@@ -15,8 +15,6 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-import torch
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -204,16 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.repeats is not None and args.repeats < 1:
-        print("error: --repeats must be >= 1", file=sys.stderr)
+    results = bench.run_from_args(args)
+    if results is None:
         return 2
-    if args.threads is not None:
-        if args.threads < 1:
-            print("error: --threads must be >= 1", file=sys.stderr)
-            return 2
-        torch.set_num_threads(args.threads)
-    results = bench.run_benchmarks(quick=not args.full, repeats=args.repeats,
-                                   progress=not args.no_progress)
     command = command_line(args)
     results["command"] = command
     results["code"] = code_version()

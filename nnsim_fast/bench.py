@@ -871,19 +871,27 @@ def write_json(results: Dict[str, object], path: str) -> None:
         handle.write("\n")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command line: run the benchmarks, print the tables and targets; returns the exit code."""
-    args = build_parser().parse_args(argv)
+def run_from_args(args) -> Optional[Dict[str, object]]:
+    """Check ``--repeats``/``--threads`` and run the benchmarks they describe; None (after
+    printing the error) when an argument is invalid."""
     if args.repeats is not None and args.repeats < 1:
         print("error: --repeats must be >= 1", file=sys.stderr)
-        return 2
+        return None
     if args.threads is not None:
         if args.threads < 1:
             print("error: --threads must be >= 1", file=sys.stderr)
-            return 2
+            return None
         torch.set_num_threads(args.threads)
-    results = run_benchmarks(quick=not args.full, repeats=args.repeats,
-                             progress=not args.no_progress)
+    return run_benchmarks(quick=not args.full, repeats=args.repeats,
+                          progress=not args.no_progress)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line: run the benchmarks, print the tables and targets; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    results = run_from_args(args)
+    if results is None:
+        return 2
     targets = evaluate_targets(results)
     results["targets"] = targets
     text = format_table(results) + "\n### Targets\n\n" + format_targets(targets) + "\n"
