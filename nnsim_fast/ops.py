@@ -252,7 +252,7 @@ def sketch_hash(n: int, m: int, seed: int, offset: int = 0, sparsity: int = 1, *
     _check_rows(rows, n, device)
     global_rows = _global_rows(n, offset, rows, device)
     if _NATIVE:
-        return torch.ops.nnsim_fast.sketch_hash(global_rows, m, seed, sparsity)
+        return torch.ops.nnsim_fast.sketch_hash.default(global_rows, m, seed, sparsity)
     return reference_sketch_hash(global_rows, m, seed, sparsity)
 
 
@@ -282,7 +282,8 @@ def countsketch(x: torch.Tensor, m: int, seed: int, offset: int = 0, sparsity: i
     det = _deterministic(deterministic)
     if _NATIVE:
         with _dispatch_context(x):
-            return torch.ops.nnsim_fast.countsketch(x, rows, m, seed, offset, sparsity, det)
+            return torch.ops.nnsim_fast.countsketch.default(x, rows, m, seed, offset, sparsity,
+                                                            det)
     return reference_countsketch(x, m, seed, offset, sparsity, rows)
 
 
@@ -296,8 +297,8 @@ def countsketch_pair(f: torch.Tensor, g: torch.Tensor, m: int, seed: int, offset
     det = _deterministic(deterministic)
     if _NATIVE:
         with _dispatch_context(f, g):
-            return torch.ops.nnsim_fast.countsketch_pair(f, g, rows, m, seed, offset, sparsity,
-                                                         det)
+            return torch.ops.nnsim_fast.countsketch_pair.default(f, g, rows, m, seed, offset,
+                                                                 sparsity, det)
     return (reference_countsketch(f, m, seed, offset, sparsity, rows),
             reference_countsketch(g, m, seed, offset, sparsity, rows))
 
@@ -333,8 +334,8 @@ def countsketch_pair_(acc_f: torch.Tensor, acc_g: torch.Tensor, f: torch.Tensor,
     _check_rows(rows, f.shape[0], f.device)
     det = _deterministic(deterministic)
     if _NATIVE:
-        torch.ops.nnsim_fast.countsketch_pair_(acc_f, acc_g, f, g, rows, seed, offset,
-                                               sparsity, det)
+        torch.ops.nnsim_fast.countsketch_pair_.default(acc_f, acc_g, f, g, rows, seed, offset,
+                                                       sparsity, det)
     else:
         with torch.no_grad():
             reference_countsketch_pair_(acc_f, acc_g, f, g, seed, offset, sparsity, rows)
@@ -380,7 +381,7 @@ def hadamard_gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a, b = a.unsqueeze(0), b.unsqueeze(0)
     if _NATIVE:
         with _dispatch_context(a, b):
-            out = torch.ops.nnsim_fast.hadamard_gram(a, b)
+            out = torch.ops.nnsim_fast.hadamard_gram.default(a, b)
     else:
         out = reference_hadamard_gram(a, b)
     return out[0] if squeeze else out
@@ -424,7 +425,7 @@ def _register() -> None:
     def _gather(grad, ctx_x_shape, ctx, dtype):
         if grad is None:
             return None
-        grad_x = torch.ops.nnsim_fast.countsketch_backward(
+        grad_x = torch.ops.nnsim_fast.countsketch_backward.default(
             grad.contiguous(), ctx.rows, ctx_x_shape[0], ctx.seed, ctx.offset, ctx.sparsity)
         return grad_x.to(dtype)
 
@@ -458,8 +459,8 @@ def _register() -> None:
         ctx.m, ctx.dtype = grad_y.shape[0], grad_y.dtype
 
     def _backward_gather(ctx, grad):
-        grad_y = torch.ops.nnsim_fast.countsketch(grad.contiguous(), ctx.rows, ctx.m, ctx.seed,
-                                                  ctx.offset, ctx.sparsity, False)
+        grad_y = torch.ops.nnsim_fast.countsketch.default(grad.contiguous(), ctx.rows, ctx.m,
+                                                          ctx.seed, ctx.offset, ctx.sparsity, False)
         return (grad_y.to(ctx.dtype),) + (None,) * 5
 
     torch.library.register_autograd(f"{lib}::countsketch_backward", _backward_gather,
