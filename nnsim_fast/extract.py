@@ -286,8 +286,9 @@ def sketch_model(model: nn.Module, data: Iterable, layers: Optional[Sequence[str
             with the same arguments resumes after the last checkpointed batch
             (skipping those batches without computing them) and gives the same
             result as an uninterrupted run, provided ``data`` yields the same
-            batches in the same order.  With ``distributed``, each rank writes
-            ``path.rank<r>``.
+            batches in the same order.  If a batch raises, the batches before it
+            are checkpointed before the error propagates.  With ``distributed``,
+            each rank writes ``path.rank<r>``.
         checkpoint_every: batches between checkpoints (default: only at the end).
 
     Returns:
@@ -400,6 +401,12 @@ def sketch_model(model: nn.Module, data: Iterable, layers: Optional[Sequence[str
                 if checkpoint is not None and checkpoint_every is not None and \
                         (batch_index + 1) % checkpoint_every == 0:
                     save_progress(batch_index + 1, complete=False)
+    except Exception:
+        # A batch that fails leaves the representation as it was before it, so the
+        # batches already done are kept: a rerun resumes from the failing batch.
+        if checkpoint is not None and batch_index > done_batches:
+            save_progress(batch_index, complete=False)
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -155,7 +155,8 @@ def assert_same(a: Representation, b: Representation, tol=TOL) -> None:
 
 
 def leftover_temporaries(directory: pathlib.Path) -> list:
-    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
+    return sorted(p.name for p in directory.iterdir()
+                  if p.name.endswith(".tmp") or p.name.endswith(".partial"))
 
 
 # --------------------------------------------------------------------------- crash and resume
@@ -224,6 +225,35 @@ def test_interrupted_shuffled_indexed_run_resumes(job, tmp_path):
     expected = reference(job, indexed=True)
     assert expected.row_intervals == [[0, job.N]]
     assert_same(expected, rep)
+    assert leftover_temporaries(tmp_path) == []
+
+
+def test_a_failing_batch_checkpoints_the_batches_before_it(job, tmp_path):
+    # No periodic checkpoint falls before the failure (every 100 batches): the
+    # batches done before the failing one are written when it raises.
+    checkpoint = tmp_path / "failed.ckpt"
+
+    class Failure(Exception):
+        pass
+
+    model = job.make_model()
+
+    def fail_at_batch_4(module, inputs):
+        if module.calls == 4:
+            raise Failure
+
+    handle = model.register_forward_pre_hook(fail_at_batch_4)
+    with pytest.raises(Failure):
+        sketch_model(model, job.make_loader(), checkpoint=checkpoint, checkpoint_every=100,
+                     **job.SETTINGS)
+    handle.remove()
+    partial = Representation.load(checkpoint)
+    assert partial.meta["progress"]["batches"] == 4 and not partial.meta["progress"]["complete"]
+    assert_same(reference(job, max_batches=4), partial)
+    model = job.make_model()
+    rep = sketch_model(model, job.make_loader(), checkpoint=checkpoint, checkpoint_every=100,
+                       **job.SETTINGS)
+    assert_same(reference(job), rep)
     assert leftover_temporaries(tmp_path) == []
 
 
