@@ -90,6 +90,12 @@ def _check_sketch_args(m, seed, offset, sparsity) -> Tuple[int, int, int, int]:
     return m, seed, offset, sparsity
 
 
+def _check_row_range(n: int, offset: int, rows) -> None:
+    """Stream rows offset .. offset + n - 1 must be valid int64 row numbers."""
+    if rows is None and n and offset > MAX_SEED - (n - 1):
+        raise ValueError(f"offset ({offset}) + n ({n}) exceeds the int64 row range")
+
+
 def _check_matrix(x, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -110,10 +116,9 @@ def _check_rows(rows, n: int, device: torch.device) -> None:
         raise ValueError(f"rows must be a 1-D tensor of length {n}, got shape {tuple(rows.shape)}")
     if rows.device != device:
         raise ValueError(f"rows is on {rows.device} but the data is on {device}")
-    # Reading values would break a torch.compile graph (and sync a GPU): the
-    # check runs eagerly on the CPU; the CPU kernels check again natively.
-    if n and rows.device.type == "cpu" and not torch.compiler.is_compiling() \
-            and bool((rows < 0).any()):
+    # Reading values would break a torch.compile graph: the check runs eagerly
+    # (the CPU kernels check again natively).
+    if n and not torch.compiler.is_compiling() and bool((rows < 0).any()):
         raise ValueError("rows must be non-negative row indices")
 
 
@@ -197,7 +202,7 @@ def reference_sketch_hash(rows: torch.Tensor, m: int, seed: int, sparsity: int =
 
 def _global_rows(n: int, offset: int, rows: Optional[torch.Tensor], device) -> torch.Tensor:
     if rows is None:
-        return torch.arange(offset, offset + n, dtype=torch.int64, device=device)
+        return torch.arange(n, dtype=torch.int64, device=device) + offset
     return rows + offset
 
 
@@ -250,6 +255,7 @@ def sketch_hash(n: int, m: int, seed: int, offset: int = 0, sparsity: int = 1, *
     device = torch.device(device) if device is not None else (
         rows.device if isinstance(rows, torch.Tensor) else torch.device("cpu"))
     _check_rows(rows, n, device)
+    _check_row_range(n, offset, rows)
     global_rows = _global_rows(n, offset, rows, device)
     if _NATIVE:
         return torch.ops.nnsim_fast.sketch_hash.default(global_rows, m, seed, sparsity)
@@ -279,6 +285,7 @@ def countsketch(x: torch.Tensor, m: int, seed: int, offset: int = 0, sparsity: i
     _check_matrix(x, "x")
     m, seed, offset, sparsity = _check_sketch_args(m, seed, offset, sparsity)
     _check_rows(rows, x.shape[0], x.device)
+    _check_row_range(x.shape[0], offset, rows)
     det = _deterministic(deterministic)
     if _NATIVE:
         with _dispatch_context(x):
@@ -294,6 +301,7 @@ def countsketch_pair(f: torch.Tensor, g: torch.Tensor, m: int, seed: int, offset
     _check_pair(f, g)
     m, seed, offset, sparsity = _check_sketch_args(m, seed, offset, sparsity)
     _check_rows(rows, f.shape[0], f.device)
+    _check_row_range(f.shape[0], offset, rows)
     det = _deterministic(deterministic)
     if _NATIVE:
         with _dispatch_context(f, g):
@@ -332,6 +340,7 @@ def countsketch_pair_(acc_f: torch.Tensor, acc_g: torch.Tensor, f: torch.Tensor,
                         f"{acc_g.dtype}")
     _, seed, offset, sparsity = _check_sketch_args(acc_f.shape[0], seed, offset, sparsity)
     _check_rows(rows, f.shape[0], f.device)
+    _check_row_range(f.shape[0], offset, rows)
     det = _deterministic(deterministic)
     if _NATIVE:
         torch.ops.nnsim_fast.countsketch_pair_.default(acc_f, acc_g, f, g, rows, seed, offset,
@@ -347,13 +356,17 @@ def countsketch_(acc: torch.Tensor, x: torch.Tensor, seed: int, offset: int = 0,
                  deterministic: Optional[bool] = None) -> torch.Tensor:
     """Streaming update ``acc += S x`` in place for a single input; returns ``acc``."""
     _check_matrix(x, "x")
-    empty = x[:, :0]
-    if isinstance(acc, torch.Tensor) and acc.dim() == 2:
-        countsketch_pair_(acc, acc.new_zeros(acc.shape[0], 0), x, empty, seed, offset, sparsity,
-                          rows=rows, deterministic=deterministic)
-        return acc
-    raise ValueError(f"acc must be a 2-D [m, {x.shape[1]}] tensor, got "
-                     f"{tuple(acc.shape) if isinstance(acc, torch.Tensor) else type(acc).__name__}")
+    if not isinstance(acc, torch.Tensor):
+        raise TypeError(f"acc must be a torch.Tensor, got {type(acc).__name__}")
+    if acc.dim() != 2 or acc.shape[1] != x.shape[1]:
+        raise ValueError(f"acc must have shape [m, {x.shape[1]}], got {tuple(acc.shape)}")
+    if acc.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"acc must be float32 or float64, got {acc.dtype}")
+    if not acc.is_contiguous():
+        raise ValueError("acc must be contiguous")
+    countsketch_pair_(acc, acc.new_zeros(acc.shape[0], 0), x, x[:, :0], seed, offset, sparsity,
+                      rows=rows, deterministic=deterministic)
+    return acc
 
 
 def hadamard_gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -459,8 +472,9 @@ def _register() -> None:
         ctx.m, ctx.dtype = grad_y.shape[0], grad_y.dtype
 
     def _backward_gather(ctx, grad):
-        grad_y = torch.ops.nnsim_fast.countsketch.default(grad.contiguous(), ctx.rows, ctx.m,
-                                                          ctx.seed, ctx.offset, ctx.sparsity, False)
+        grad_y = torch.ops.nnsim_fast.countsketch.default(
+            grad.contiguous(), ctx.rows, ctx.m, ctx.seed, ctx.offset, ctx.sparsity,
+            torch.are_deterministic_algorithms_enabled())
         return (grad_y.to(ctx.dtype),) + (None,) * 5
 
     torch.library.register_autograd(f"{lib}::countsketch_backward", _backward_gather,

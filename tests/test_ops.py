@@ -538,6 +538,24 @@ def test_seeds_and_blocks_give_different_hashes():
 
 # --------------------------------------------------------------------------- thread counts
 
+@pytest.mark.parametrize("shape", [(2, 300, 17, 1000), (3, 200, 1000, 5)],
+                         ids=["symmetric-blocks", "batched-gemms"])
+def test_hadamard_gram_is_repeatable_at_a_thread_count(shape, restore_num_threads,
+                                                       torch_generator):
+    # The Gram rides on the BLAS GEMM: the same bits run to run for a given
+    # thread count (across thread counts only to rounding; documented).
+    batch, m, da, db = shape
+    a = torch.randn(batch, m, da, generator=torch_generator)
+    b = torch.randn(batch, m, db, generator=torch_generator)
+    reference = (a.double() @ a.double().transpose(1, 2)) * (b.double() @ b.double().transpose(1, 2))
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        first, second = ops.hadamard_gram(a, b), ops.hadamard_gram(a, b)
+        assert torch.equal(first, second), threads
+        scale = reference.abs().max()
+        assert float((first.double() - reference).abs().max() / scale) < 1e-5, threads
+
+
 def run_all_ops(f, g, rows, grad_y, a, b, m, seed, offset, sparsity):
     acc_f = torch.full((m, f.shape[1]), 0.25)
     acc_g = torch.full((m, g.shape[1]), -0.5)
@@ -545,9 +563,7 @@ def run_all_ops(f, g, rows, grad_y, a, b, m, seed, offset, sparsity):
     return (ops.countsketch(f, m, seed, offset, sparsity, rows=rows),
             *ops.countsketch_pair(f, g, m, seed, offset, sparsity, rows=rows),
             acc_f, acc_g,
-            NATIVE.countsketch_backward(grad_y, rows, f.shape[0], seed, offset, sparsity),
-            ops.hadamard_gram(a, b),                  # symmetric blocks (m = 300)
-            ops.hadamard_gram(b[:, :200].repeat(1, 1, 40), a[:, :200]))   # batched GEMMs (m = 200)
+            NATIVE.countsketch_backward(grad_y, rows, f.shape[0], seed, offset, sparsity))
 
 
 # Several row chunks; fewer buckets than threads (work split by columns); many buckets and chunks.
@@ -994,3 +1010,28 @@ def test_deterministic_flag_does_not_change_cpu_result():
     with_flag = ops.countsketch(x, 64, 1, 0, 2, deterministic=True)
     assert torch.equal(with_flag, ops.countsketch(x, 64, 1, 0, 2, deterministic=False))
     assert torch.equal(with_flag, ops.countsketch(x, 64, 1, 0, 2))
+
+
+# --------------------------------------------------------------------------- row ranges
+
+def test_stream_rows_past_the_int64_range_are_refused():
+    x = torch.ones(3, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="offset"):
+        ops.countsketch(x, 8, 1, offset=2**63 - 2)
+    with pytest.raises(ValueError, match="offset"):
+        ops.sketch_hash(3, 8, 1, offset=2**63 - 2)
+    # The last representable rows are fine, and match the reference.
+    got = ops.countsketch(x, 8, 1, offset=2**63 - 3)
+    torch.testing.assert_close(got, ops.reference_countsketch(x, 8, 1, offset=2**63 - 3))
+
+
+def test_calls_longer_than_one_hash_block_equal_the_reference(torch_generator):
+    # More rows than the scatter hashes per block (2^20): the blocks must join up.
+    n = (1 << 20) + 12_345
+    x = torch.randn(n, 2, dtype=torch.float64, generator=torch_generator)
+    torch.testing.assert_close(ops.countsketch(x, 64, 5, 7, 2),
+                               ops.reference_countsketch(x, 64, 5, 7, 2), rtol=1e-12, atol=1e-9)
+    rows = torch.randperm(n, generator=torch_generator) * 3
+    torch.testing.assert_close(ops.countsketch(x, 64, 5, 7, 2, rows=rows),
+                               ops.reference_countsketch(x, 64, 5, 7, 2, rows=rows),
+                               rtol=1e-12, atol=1e-9)

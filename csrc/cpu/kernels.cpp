@@ -1,10 +1,12 @@
 // CPU implementations of the nnsim_fast ops.
 //
-// Determinism: every output element is written by exactly one thread, and the
-// rows that feed it are added in row order, so results are bitwise identical
-// for any thread count.  The scatter parallelises over column tiles (a thread
-// owns a tile of the m x d output for a whole chunk of rows); the backward
-// gather and the hash parallelise over rows.  No atomics.
+// Determinism: in the sketch ops every output element is written by exactly
+// one thread, and the rows that feed it are added in row order, so results
+// are bitwise identical for any thread count.  The scatter gives each thread a
+// range of buckets (and column tiles when m is small); the backward gather and
+// the hash parallelise over rows.  No atomics.  hadamard_gram is built on the
+// BLAS GEMM, whose bits are fixed for a given thread count but may change
+// with it (see hadamard_gram_cpu).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -28,6 +30,8 @@ namespace {
 
 // Rows whose entries a task gathers at a time (bounded thread-local lists).
 constexpr int64_t kChunkRows = 16384;
+// Rows hashed per block of a call (bounds the hash scratch to ~12 bytes x this x s).
+constexpr int64_t kScatterBlockRows = 1 << 20;
 constexpr int64_t kMinTileCols = 16;
 // Below this many multiply-adds a call stays on the calling thread.
 constexpr int64_t kSerialWork = 1 << 16;
@@ -36,8 +40,11 @@ constexpr int64_t kGramBlock = 128;
 constexpr int64_t kGramBlockedMinM = 256;
 constexpr int64_t kGramMinBlockPairs = 8;
 
+// Global rows wrap modulo 2^64 (unsigned arithmetic: defined behaviour); the
+// hash works on 64-bit patterns, and the Python reference wraps the same way.
 inline int64_t global_row(const int64_t* rows, int64_t offset, int64_t i) {
-  return offset + (rows != nullptr ? rows[i] : i);
+  return static_cast<int64_t>(static_cast<uint64_t>(offset) +
+                              static_cast<uint64_t>(rows != nullptr ? rows[i] : i));
 }
 
 // Buckets and signed values (sign / sqrt(s)) of rows [0, n), s entries per row.
@@ -158,40 +165,51 @@ void accumulate_pair(at::Tensor& acc_f, at::Tensor& acc_g, const at::Tensor& f,
   const bool small = n * s * (d[0] + d[1]) < kSerialWork;
   const Split split = small ? Split{1, 1} : make_split(m, d[0], d[1]);
 
-  // One hash evaluation per (row, block); buckets fit int32 (m < 2^31).
-  std::vector<int32_t> bucket(n * s);
-  std::vector<acc_t> value(n * s);
-  hash_rows<int32_t, acc_t>(hash, rows, offset, n, bucket.data(), value.data(), !small);
-
-  auto run = [&](int64_t lo, int64_t hi) {
-    std::vector<int64_t> list;
-    list.reserve(std::min(n, kChunkRows) * s);
-    for (int64_t t = lo; t < hi; ++t) {
-      const int64_t r = t / split.col_tiles, tile = t % split.col_tiles;
-      const int64_t first = r * m / split.ranges, last = (r + 1) * m / split.ranges;
-      for (int64_t begin = 0; begin < n; begin += kChunkRows) {
-        const int64_t end = std::min(n, begin + kChunkRows);
-        list.clear();
-        for (int64_t e = begin * s; e < end * s; ++e) {
-          const int64_t b = bucket[e];
-          if (b >= first && b < last) list.push_back(e);
-        }
-        for (int k = 0; k < 2; ++k) {
-          if (x[k] == nullptr) continue;
-          const int64_t width = (d[k] + split.col_tiles - 1) / split.col_tiles;
-          const int64_t c0 = tile * width;
-          add_rows<in_t, acc_t>(x[k], row_stride[k], col_stride[k], list.data(),
-                                static_cast<int64_t>(list.size()), s, bucket.data(),
-                                value.data(), out[k], d[k], c0, std::min(width, d[k] - c0));
+  // One hash evaluation per (row, block), for blocks of rows at a time so the
+  // scratch arrays stay bounded; buckets fit int32 (m < 2^31).  Every element
+  // still sums its rows in row order, so the blocking does not change the bits.
+  const int64_t block_rows = std::min(n, kScatterBlockRows);
+  std::vector<int32_t> bucket(block_rows * s);
+  std::vector<acc_t> value(block_rows * s);
+  const int64_t tasks = split.ranges * split.col_tiles;
+  for (int64_t start = 0; start < n; start += block_rows) {
+    const int64_t rows_here = std::min(block_rows, n - start);
+    hash_rows<int32_t, acc_t>(hash, rows != nullptr ? rows + start : nullptr,
+                              rows != nullptr ? offset
+                                              : static_cast<int64_t>(static_cast<uint64_t>(offset) +
+                                                                     static_cast<uint64_t>(start)),
+                              rows_here,
+                              bucket.data(), value.data(), !small);
+    auto run = [&](int64_t lo, int64_t hi) {
+      std::vector<int64_t> list;
+      list.reserve(std::min(rows_here, kChunkRows) * s);
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t r = t / split.col_tiles, tile = t % split.col_tiles;
+        const int64_t first = r * m / split.ranges, last = (r + 1) * m / split.ranges;
+        for (int64_t begin = 0; begin < rows_here; begin += kChunkRows) {
+          const int64_t end = std::min(rows_here, begin + kChunkRows);
+          list.clear();
+          for (int64_t e = begin * s; e < end * s; ++e) {
+            const int64_t b = bucket[e];
+            if (b >= first && b < last) list.push_back(e);
+          }
+          for (int k = 0; k < 2; ++k) {
+            if (x[k] == nullptr) continue;
+            const int64_t width = (d[k] + split.col_tiles - 1) / split.col_tiles;
+            const int64_t c0 = tile * width;
+            add_rows<in_t, acc_t>(x[k] + start * row_stride[k], row_stride[k], col_stride[k],
+                                  list.data(), static_cast<int64_t>(list.size()), s,
+                                  bucket.data(), value.data(), out[k], d[k], c0,
+                                  std::min(width, d[k] - c0));
+          }
         }
       }
+    };
+    if (small) {
+      run(0, tasks);
+    } else {
+      at::parallel_for(0, tasks, 1, run);
     }
-  };
-  const int64_t tasks = split.ranges * split.col_tiles;
-  if (small) {
-    run(0, tasks);
-  } else {
-    at::parallel_for(0, tasks, 1, run);
   }
 }
 
@@ -315,10 +333,11 @@ std::tuple<at::Tensor, at::Tensor> sketch_hash_cpu(const at::Tensor& rows, int64
   return {buckets, signs};
 }
 
-// (a a^T) o (b b^T) per batch element.  Only blocks on and above the diagonal
-// are computed (the result is symmetric); each block's two Grams come from
-// single-threaded GEMMs inside the parallel region, so the bits do not depend
-// on the thread count.
+// (a a^T) o (b b^T) per batch element.  Large Grams: only blocks on and above
+// the diagonal are computed (the result is symmetric) and mirrored.  The path
+// depends on the shapes only, and the result is the same run to run at a given
+// thread count; the GEMMs come from the BLAS, which may round differently when
+// the thread count changes (a large inner dimension shows it).
 at::Tensor hadamard_gram_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   check_gram_inputs(a_in, b_in);
   const auto dtype = accumulate_dtype(a_in.scalar_type());

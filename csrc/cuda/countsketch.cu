@@ -100,7 +100,9 @@ struct ScatterParams {
 
 __device__ __forceinline__ int64_t global_row_of(const int64_t* row_ids, int64_t offset,
                                                  int64_t row) {
-  return offset + (row_ids != nullptr ? row_ids[row] : row);
+  // Wraps modulo 2^64 like the CPU and the Python reference (unsigned: defined).
+  return static_cast<int64_t>(static_cast<uint64_t>(offset) +
+                              static_cast<uint64_t>(row_ids != nullptr ? row_ids[row] : row));
 }
 
 // Block j of a row: its bucket and its signed scale.  Slots j >= s get a zero
