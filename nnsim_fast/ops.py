@@ -134,6 +134,20 @@ def _check_pair(f, g) -> None:
         raise ValueError(f"f is on {f.device} but g is on {g.device}")
 
 
+def _check_accumulator(acc, x: torch.Tensor, name: str) -> None:
+    """A streaming accumulator for ``x``: contiguous float32/float64 ``[m, d]`` on x's device."""
+    if not isinstance(acc, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(acc).__name__}")
+    if acc.dim() != 2 or acc.shape[1] != x.shape[1]:
+        raise ValueError(f"{name} must have shape [m, {x.shape[1]}], got {tuple(acc.shape)}")
+    if acc.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {acc.dtype}")
+    if not acc.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if acc.device != x.device:
+        raise ValueError(f"{name} is on {acc.device} but the data is on {x.device}")
+
+
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -321,17 +335,8 @@ def countsketch_pair_(acc_f: torch.Tensor, acc_g: torch.Tensor, f: torch.Tensor,
     (the caller chooses the accumulation precision).  Not differentiable.
     """
     _check_pair(f, g)
-    for acc, x, name in ((acc_f, f, "acc_f"), (acc_g, g, "acc_g")):
-        if not isinstance(acc, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(acc).__name__}")
-        if acc.dim() != 2 or acc.shape[1] != x.shape[1]:
-            raise ValueError(f"{name} must have shape [m, {x.shape[1]}], got {tuple(acc.shape)}")
-        if acc.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"{name} must be float32 or float64, got {acc.dtype}")
-        if not acc.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-        if acc.device != x.device:
-            raise ValueError(f"{name} is on {acc.device} but the data is on {x.device}")
+    _check_accumulator(acc_f, f, "acc_f")
+    _check_accumulator(acc_g, g, "acc_g")
     if acc_f.shape[0] != acc_g.shape[0]:
         raise ValueError(f"acc_f and acc_g must have the same m, got {tuple(acc_f.shape)} and "
                          f"{tuple(acc_g.shape)}")
@@ -356,14 +361,7 @@ def countsketch_(acc: torch.Tensor, x: torch.Tensor, seed: int, offset: int = 0,
                  deterministic: Optional[bool] = None) -> torch.Tensor:
     """Streaming update ``acc += S x`` in place for a single input; returns ``acc``."""
     _check_matrix(x, "x")
-    if not isinstance(acc, torch.Tensor):
-        raise TypeError(f"acc must be a torch.Tensor, got {type(acc).__name__}")
-    if acc.dim() != 2 or acc.shape[1] != x.shape[1]:
-        raise ValueError(f"acc must have shape [m, {x.shape[1]}], got {tuple(acc.shape)}")
-    if acc.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"acc must be float32 or float64, got {acc.dtype}")
-    if not acc.is_contiguous():
-        raise ValueError("acc must be contiguous")
+    _check_accumulator(acc, x, "acc")
     countsketch_pair_(acc, acc.new_zeros(acc.shape[0], 0), x, x[:, :0], seed, offset, sparsity,
                       rows=rows, deterministic=deterministic)
     return acc

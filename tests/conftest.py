@@ -1,4 +1,5 @@
-"""Fixtures shared by the test files: a seeded RNG and a restored torch thread count."""
+"""Shared by the test files: a seeded RNG, a restored torch thread count, and a
+comparison of two sketched representations."""
 
 import numpy as np
 import pytest
@@ -25,3 +26,16 @@ def restore_num_threads():
         yield threads
     finally:
         torch.set_num_threads(threads)
+
+
+def assert_same_representation(a, b, **tol) -> None:
+    """Two representations hold the same rows, settings, layers and statistics (to ``tol``)."""
+    assert (a.n, a.row_keys, a.row_intervals) == (b.n, b.row_keys, b.row_intervals)
+    assert (a.m, a.seed, a.sparsity, a.dtype) == (b.m, b.seed, b.sparsity, b.dtype)
+    assert list(a.layers) == list(b.layers)
+    for name in a.layers:
+        mine, theirs = a.layers[name].tensors(), b.layers[name].tensors()
+        assert set(mine) == set(theirs)
+        for key in mine:
+            torch.testing.assert_close(theirs[key], mine[key], **tol)
+    torch.testing.assert_close(b.sketch_ones, a.sketch_ones, **tol)

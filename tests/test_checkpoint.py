@@ -23,6 +23,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from conftest import assert_same_representation
+
 import nnsim_fast
 from nnsim_fast import Representation, sketch_model
 
@@ -144,14 +146,7 @@ def reference(job: ModuleType, **kwargs) -> Representation:
 
 
 def assert_same(a: Representation, b: Representation, tol=TOL) -> None:
-    assert (a.n, a.row_keys, a.row_intervals) == (b.n, b.row_keys, b.row_intervals)
-    assert list(a.layers) == list(b.layers)
-    for name in a.layers:
-        mine, theirs = a.layers[name].tensors(), b.layers[name].tensors()
-        assert set(mine) == set(theirs)
-        for key in mine:
-            torch.testing.assert_close(theirs[key], mine[key], **tol)
-    torch.testing.assert_close(b.sketch_ones, a.sketch_ones, **tol)
+    assert_same_representation(a, b, **tol)
 
 
 def leftover_temporaries(directory: pathlib.Path) -> list:

@@ -31,6 +31,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from conftest import assert_same_representation
 from nnsim_fast import IndexedDataset, Representation, ops, sketch_model
 
 WORLD = 2
@@ -248,15 +249,7 @@ def load_ranks(out: Path, name: str) -> List[Representation]:
 
 
 def assert_same(a: Representation, b: Representation, tol) -> None:
-    assert (a.n, a.row_keys, a.row_intervals) == (b.n, b.row_keys, b.row_intervals)
-    assert (a.m, a.seed, a.sparsity, a.dtype) == (b.m, b.seed, b.sparsity, b.dtype)
-    assert list(a.layers) == list(b.layers)
-    for name in a.layers:
-        mine, theirs = a.layers[name].tensors(), b.layers[name].tensors()
-        assert set(mine) == set(theirs)
-        for key in mine:
-            torch.testing.assert_close(theirs[key], mine[key], **tol)
-    torch.testing.assert_close(b.sketch_ones, a.sketch_ones, **tol)
+    assert_same_representation(a, b, **tol)
 
 
 # --------------------------------------------------------------------------- checks

@@ -14,6 +14,8 @@ from typing import Dict, Tuple
 
 import pytest
 import torch
+
+from conftest import assert_same_representation
 from torch import nn
 from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
@@ -80,15 +82,7 @@ def dense_sketch(rows: torch.Tensor) -> torch.Tensor:
 
 
 def assert_same(a: Representation, b: Representation, tol=TOL) -> None:
-    assert a.n == b.n
-    assert a.row_intervals == b.row_intervals
-    assert list(a.layers) == list(b.layers)
-    for name in a.layers:
-        mine, theirs = a.layers[name].tensors(), b.layers[name].tensors()
-        assert set(mine) == set(theirs)
-        for key in mine:
-            torch.testing.assert_close(theirs[key], mine[key], **tol)
-    torch.testing.assert_close(b.sketch_ones, a.sketch_ones, **tol)
+    assert_same_representation(a, b, **tol)
 
 
 def assert_matches_reference(rep: Representation, model: MLP, x: torch.Tensor,
