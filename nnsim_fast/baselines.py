@@ -36,12 +36,13 @@ Labels, for both functions, are chosen by ``labels``:
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from typing import Any, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
+
+from .extract import eval_mode
 
 __all__ = [
     "task2vec_embedding",
@@ -59,19 +60,6 @@ Batch = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 # ----------------------------------------------------------------------------------------------
 # building blocks shared by both baselines
 # ----------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    # Submodules may be in mixed modes (e.g. frozen batch norm in a training model), so every
-    # module's own flag is remembered rather than only the root's.
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, was_training in modes:
-            module.training = was_training
 
 
 def _check_model(model: Any) -> None:
@@ -304,7 +292,7 @@ def task2vec_embedding(
 
     totals = {name: torch.zeros(t.shape, dtype=torch.float64, device=compute_device) for name, t in trainable.items()}
     count = 0
-    with _eval_mode(model):
+    with eval_mode(model):
         for x, y in _iterate_batches(data, labels == "true", max_samples, progress, "task2vec"):
             x = x.to(compute_device)
             with torch.no_grad():
@@ -459,7 +447,7 @@ def fisher_rao_norm(
 
     total = torch.zeros((), dtype=torch.float64, device=compute_device)
     count = 0
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for x, y in _iterate_batches(data, labels == "true", max_samples, progress, "fisher-rao"):
             x = x.to(compute_device)
             logits = _check_logits(functional_call(model, (trainable, fixed), (x,)), x.shape[0])

@@ -1,6 +1,8 @@
 """Shared by the test files: a seeded RNG, a restored torch thread count, and a
 comparison of two sketched representations."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -39,3 +41,15 @@ def assert_same_representation(a, b, **tol) -> None:
         for key in mine:
             torch.testing.assert_close(theirs[key], mine[key], **tol)
     torch.testing.assert_close(b.sketch_ones, a.sketch_ones, **tol)
+
+
+def dense_sketch(n: int, m: int, seed: int, sparsity: int = 1, rows=None) -> torch.Tensor:
+    """The dense float64 m x n sketch matrix from the library's hash: column i holds the
+    signs / sqrt(s) of global row ``rows[i]`` (default i) at its buckets."""
+    from nnsim_fast import ops
+    buckets, signs = ops.sketch_hash(n, m, seed, 0, sparsity, rows=rows)
+    S = torch.zeros(m, n, dtype=torch.float64)
+    columns = torch.arange(n)
+    for j in range(sparsity):
+        S[buckets[:, j], columns] = signs[:, j].to(torch.float64) / math.sqrt(sparsity)
+    return S

@@ -12,7 +12,6 @@ accumulators (float64) are compared with ``S @ F`` and ``S @ G``.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
@@ -20,23 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnsim_fast import ops, sketch_model
+from conftest import dense_sketch
+from nnsim_fast import sketch_model
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- references
-
-def dense_sketch(n: int, m: int, seed: int, sparsity: int = 1,
-                 rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The m x n sketch matrix: column i holds sample i's signs/sqrt(s) at its buckets."""
-    buckets, signs = ops.sketch_hash(n, m, seed, 0, sparsity, rows=rows)
-    S = torch.zeros(m, n, dtype=torch.float64)
-    columns = torch.arange(n)
-    for j in range(sparsity):
-        S[buckets[:, j], columns] = signs[:, j].to(torch.float64) / math.sqrt(sparsity)
-    return S
-
 
 def tempered_predictive(logits: torch.Tensor, beta: float) -> torch.Tensor:
     """q(y|x) ∝ p(y|x)^beta, float64, straight from the definition."""

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Dict, Optional
+from typing import Dict
 
 import pytest
 import torch
@@ -19,22 +19,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nnsim_fast import Representation, ops, sketch_model
+from conftest import dense_sketch
+from nnsim_fast import Representation, sketch_model
 from nnsim_fast.sketch import FORMAT_VERSION
 
 TOL = dict(rtol=1e-12, atol=1e-12)
-
-
-def dense_sketch(n: int, m: int, seed: int, sparsity: int = 1,
-                 rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The m x n sketch matrix; column i belongs to global row ``rows[i]`` (default i)."""
-    buckets, signs = ops.sketch_hash(n, m, seed, 0, sparsity, rows=rows)
-    S = torch.zeros(m, n, dtype=torch.float64)
-    columns = torch.arange(n)
-    for j in range(sparsity):
-        S[buckets[:, j], columns] = signs[:, j].to(torch.float64) / math.sqrt(sparsity)
-    return S
-
 
 WIDTHS = {"conv": (6, 6), "head": (4, 3)}  # (d_f, d_g) per layer
 
