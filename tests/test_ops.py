@@ -538,22 +538,29 @@ def test_seeds_and_blocks_give_different_hashes():
 
 # --------------------------------------------------------------------------- thread counts
 
-@pytest.mark.parametrize("shape", [(2, 300, 17, 1000), (3, 200, 1000, 5)],
-                         ids=["symmetric-blocks", "batched-gemms"])
-def test_hadamard_gram_is_repeatable_at_a_thread_count(shape, restore_num_threads,
-                                                       torch_generator):
-    # The Gram rides on the BLAS GEMM: the same bits run to run for a given
-    # thread count (across thread counts only to rounding; documented).
+GRAM_THREAD_SHAPES = [(2, 300, 17, 1000), (3, 200, 1000, 5), (1, 100, 3000, 7), (1, 9, 4, 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", GRAM_THREAD_SHAPES, ids=["blocks", "small-m", "one-gram", "tiny"])
+def test_hadamard_gram_same_bits_for_any_thread_count(shape, dtype, restore_num_threads,
+                                                      torch_generator):
+    # The tiling is a function of the shape and each tile is one single-threaded
+    # GEMM, so the bits may not move with the thread count -- nor may symmetry
+    # break (the BLAS's own X X^T is not symmetric bit for bit on every CPU).
     batch, m, da, db = shape
-    a = torch.randn(batch, m, da, generator=torch_generator)
-    b = torch.randn(batch, m, db, generator=torch_generator)
+    a = torch.randn(batch, m, da, generator=torch_generator, dtype=dtype)
+    b = torch.randn(batch, m, db, generator=torch_generator, dtype=dtype)
     reference = (a.double() @ a.double().transpose(1, 2)) * (b.double() @ b.double().transpose(1, 2))
-    for threads in (1, 2):
+    results = {}
+    for threads in (1, 2, 3, 4, 8, 16):
         torch.set_num_threads(threads)
-        first, second = ops.hadamard_gram(a, b), ops.hadamard_gram(a, b)
-        assert torch.equal(first, second), threads
-        scale = reference.abs().max()
-        assert float((first.double() - reference).abs().max() / scale) < 1e-5, threads
+        results[threads] = ops.hadamard_gram(a, b)
+        assert torch.equal(results[threads], results[threads].transpose(1, 2)), threads
+    for threads, out in results.items():
+        assert torch.equal(out, results[1]), threads
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-13
+    assert float((results[1].double() - reference).abs().max() / reference.abs().max()) < tolerance
 
 
 def run_all_ops(f, g, rows, grad_y, a, b, m, seed, offset, sparsity):
@@ -563,12 +570,19 @@ def run_all_ops(f, g, rows, grad_y, a, b, m, seed, offset, sparsity):
     return (ops.countsketch(f, m, seed, offset, sparsity, rows=rows),
             *ops.countsketch_pair(f, g, m, seed, offset, sparsity, rows=rows),
             acc_f, acc_g,
-            NATIVE.countsketch_backward(grad_y, rows, f.shape[0], seed, offset, sparsity))
+            NATIVE.countsketch_backward(grad_y, rows, f.shape[0], seed, offset, sparsity),
+            ops.hadamard_gram(a, b))
+
+
+# Above the machine's cores too: a task split that goes wrong only when m or the
+# row count is smaller than the thread count shows up there.
+THREAD_COUNTS = (1, 2, 3, 4, 8, 16)
 
 
 # Several row chunks; fewer buckets than threads (work split by columns); many buckets and chunks.
 @pytest.mark.parametrize("shape", [(40_000, 40, 24, 200, 2), (3000, 300, 5, 1, 1),
-                                   (20_000, 24, 8, 4096, 4)], ids=["chunks", "one-bucket", "many-buckets"])
+                                   (5000, 37, 29, 3, 1), (20_000, 24, 8, 4096, 4)],
+                         ids=["chunks", "one-bucket", "ragged-column-tiles", "many-buckets"])
 def test_bitwise_identical_for_any_thread_count(shape, restore_num_threads, torch_generator):
     n, df, dg, m, sparsity = shape
     f = torch.randn(n, df, generator=torch_generator)
@@ -578,11 +592,11 @@ def test_bitwise_identical_for_any_thread_count(shape, restore_num_threads, torc
     a = torch.randn(2, 300, 17, generator=torch_generator)
     b = torch.randn(2, 300, 5, generator=torch_generator)
     results = {}
-    for threads in (1, 2, 3):
+    for threads in THREAD_COUNTS:
         torch.set_num_threads(threads)
         results[threads] = [run_all_ops(f, g, r, grad_y, a, b, m, 123, 456, sparsity)
                             for r in (None, rows)]
-    for threads in (2, 3):
+    for threads in THREAD_COUNTS[1:]:
         for with_rows in (0, 1):
             for index, (one, many) in enumerate(zip(results[1][with_rows], results[threads][with_rows])):
                 assert torch.equal(one, many), (threads, with_rows, index)

@@ -4,15 +4,14 @@
 // one thread, and the rows that feed it are added in row order, so results
 // are bitwise identical for any thread count.  The scatter gives each thread a
 // range of buckets (and column tiles when m is small); the backward gather and
-// the hash parallelise over rows.  No atomics.  hadamard_gram is built on the
-// BLAS GEMM, whose bits are fixed for a given thread count but may change
-// with it (see hadamard_gram_cpu).
+// the hash parallelise over rows.  No atomics.  hadamard_gram tiles its output
+// by shape alone and runs one single-threaded GEMM per tile (see
+// hadamard_gram_cpu), so it too gives the same bits for any thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/bmm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -36,9 +35,6 @@ constexpr int64_t kMinTileCols = 16;
 // Below this many multiply-adds a call stays on the calling thread.
 constexpr int64_t kSerialWork = 1 << 16;
 constexpr int64_t kGramBlock = 128;
-// Below this m, hadamard_gram uses batched GEMMs rather than symmetric blocks.
-constexpr int64_t kGramBlockedMinM = 256;
-constexpr int64_t kGramMinBlockPairs = 8;
 
 // Global rows wrap modulo 2^64 (unsigned arithmetic: defined behaviour); the
 // hash works on 64-bit patterns, and the Python reference wraps the same way.
@@ -333,11 +329,30 @@ std::tuple<at::Tensor, at::Tensor> sketch_hash_cpu(const at::Tensor& rows, int64
   return {buckets, signs};
 }
 
-// (a a^T) o (b b^T) per batch element.  Large Grams: only blocks on and above
-// the diagonal are computed (the result is symmetric) and mirrored.  The path
-// depends on the shapes only, and the result is the same run to run at a given
-// thread count; the GEMMs come from the BLAS, which may round differently when
-// the thread count changes (a large inner dimension shows it).
+// Square block of the Gram tiling: a function of m only, so the tiling -- and
+// with it every GEMM call and its bits -- never depends on the thread count.
+int64_t gram_block(int64_t m) {
+  if (m >= 2 * kGramBlock) return kGramBlock;
+  return std::max<int64_t>(1, (m + 1) / 2);  // two blocks even for small m: work to share
+}
+
+// Lower triangle := upper triangle, so a square tile is symmetric bit for bit
+// (the BLAS computes the two halves of X X^T by different instruction paths).
+template <typename scalar_t>
+void mirror_upper(scalar_t* tile, int64_t rows, int64_t stride) {
+  for (int64_t i = 1; i < rows; ++i)
+    for (int64_t j = 0; j < i; ++j) tile[i * stride + j] = tile[j * stride + i];
+}
+
+// (a a^T) o (b b^T) per batch element.  Only blocks on and above the diagonal
+// are computed (the result is symmetric) and mirrored; diagonal blocks copy
+// their upper triangle down, so the output is exactly symmetric on every path.
+//
+// Determinism: the tiling depends on the shapes only, and every tile is one
+// single-threaded GEMM call -- each runs inside the parallel region, where the
+// BLAS stays on the calling thread, and a call with a single task still opens
+// the region (a second, empty task) rather than letting the BLAS spread one
+// GEMM over the pool.  So the bits are the same for any thread count.
 at::Tensor hadamard_gram_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   check_gram_inputs(a_in, b_in);
   const auto dtype = accumulate_dtype(a_in.scalar_type());
@@ -345,33 +360,33 @@ at::Tensor hadamard_gram_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const at::Tensor b = b_in.to(dtype).contiguous();
   const int64_t batch = a.size(0);
   const int64_t m = a.size(1);
-  const int64_t block = kGramBlock;
-  const int64_t blocks = (m + block - 1) / block;
-  const int64_t block_pairs = batch * blocks * (blocks + 1) / 2;
-  // The choice depends on shapes only (never on the thread count), so the bits
-  // do too.
-  if (m < kGramBlockedMinM || block_pairs < kGramMinBlockPairs) {
-    // Small Grams, or too few blocks to share out: skipping the symmetric half
-    // saves less than it costs, so two batched GEMMs and an in-place multiply.
-    return at::bmm(a, a.transpose(1, 2)).mul_(at::bmm(b, b.transpose(1, 2)));
-  }
   at::Tensor out = at::empty({batch, m, m}, a.options());
+  if (batch == 0 || m == 0) return out;
+  const int64_t block = gram_block(m);
+  const int64_t blocks = (m + block - 1) / block;
   std::vector<std::array<int64_t, 3>> tasks;
   for (int64_t k = 0; k < batch; ++k)
     for (int64_t bi = 0; bi < blocks; ++bi)
       for (int64_t bj = bi; bj < blocks; ++bj) tasks.push_back({k, bi, bj});
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      const auto [k, bi, bj] = tasks[t];
-      const int64_t r0 = bi * block, rn = std::min(block, m - r0);
-      const int64_t c0 = bj * block, cn = std::min(block, m - c0);
-      const at::Tensor ak = a.select(0, k), bk = b.select(0, k);
-      at::Tensor out_k = out.select(0, k);
-      at::Tensor tile = out_k.narrow(0, r0, rn).narrow(1, c0, cn);
-      at::mm_out(tile, ak.narrow(0, r0, rn), ak.narrow(0, c0, cn).t());
-      tile.mul_(at::mm(bk.narrow(0, r0, rn), bk.narrow(0, c0, cn).t()));
-      if (bi != bj) out_k.narrow(0, c0, cn).narrow(1, r0, rn).copy_(tile.t());
-    }
+  const int64_t count = static_cast<int64_t>(tasks.size());
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "hadamard_gram", [&] {
+    at::parallel_for(0, std::max<int64_t>(count, 2), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < std::min(hi, count); ++t) {
+        const auto [k, bi, bj] = tasks[t];
+        const int64_t r0 = bi * block, rn = std::min(block, m - r0);
+        const int64_t c0 = bj * block, cn = std::min(block, m - c0);
+        const at::Tensor ak = a.select(0, k), bk = b.select(0, k);
+        at::Tensor out_k = out.select(0, k);
+        at::Tensor tile = out_k.narrow(0, r0, rn).narrow(1, c0, cn);
+        at::mm_out(tile, ak.narrow(0, r0, rn), ak.narrow(0, c0, cn).t());
+        tile.mul_(at::mm(bk.narrow(0, r0, rn), bk.narrow(0, c0, cn).t()));
+        if (bi == bj) {
+          mirror_upper(tile.data_ptr<scalar_t>(), rn, m);
+        } else {
+          out_k.narrow(0, c0, cn).narrow(1, r0, rn).copy_(tile.t());
+        }
+      }
+    });
   });
   return out;
 }
