@@ -4,19 +4,22 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(nnsim_fast, m) {
-  m.def("sketch_hash(Tensor rows, int m, int seed, int sparsity) -> (Tensor, Tensor)");
+  // Arguments in the order of the Python wrappers (nnsim_fast.ops), with their
+  // defaults; `rows` (dataset-index keys) stays positional because autograd
+  // registration does not take keyword-only tensors.
+  m.def("sketch_hash(Tensor rows, int m, int seed, int sparsity=1) -> (Tensor, Tensor)");
   m.def(
-      "countsketch(Tensor x, Tensor? rows, int m, int seed, int offset, int sparsity, "
-      "bool deterministic) -> Tensor");
+      "countsketch(Tensor x, int m, int seed, int offset=0, int sparsity=1, "
+      "Tensor? rows=None, bool deterministic=False) -> Tensor");
   m.def(
-      "countsketch_pair(Tensor f, Tensor g, Tensor? rows, int m, int seed, int offset, "
-      "int sparsity, bool deterministic) -> (Tensor, Tensor)");
+      "countsketch_pair(Tensor f, Tensor g, int m, int seed, int offset=0, int sparsity=1, "
+      "Tensor? rows=None, bool deterministic=False) -> (Tensor, Tensor)");
   m.def(
-      "countsketch_pair_(Tensor(a!) acc_f, Tensor(b!) acc_g, Tensor f, Tensor g, Tensor? rows, "
-      "int seed, int offset, int sparsity, bool deterministic) -> ()");
+      "countsketch_pair_(Tensor(a!) acc_f, Tensor(b!) acc_g, Tensor f, Tensor g, int seed, "
+      "int offset=0, int sparsity=1, Tensor? rows=None, bool deterministic=False) -> ()");
   m.def(
-      "countsketch_backward(Tensor grad_y, Tensor? rows, int n, int seed, int offset, "
-      "int sparsity) -> Tensor");
+      "countsketch_backward(Tensor grad_y, int n, int seed, int offset=0, int sparsity=1, "
+      "Tensor? rows=None) -> Tensor");
   m.def("hadamard_gram(Tensor a, Tensor b) -> Tensor");
 }
 

@@ -303,8 +303,8 @@ def countsketch(x: torch.Tensor, m: int, seed: int, offset: int = 0, sparsity: i
     det = _deterministic(deterministic)
     if _NATIVE:
         with _dispatch_context(x):
-            return torch.ops.nnsim_fast.countsketch.default(x, rows, m, seed, offset, sparsity,
-                                                            det)
+            return torch.ops.nnsim_fast.countsketch.default(x, m, seed, offset, sparsity, rows=rows,
+                                                            deterministic=det)
     return reference_countsketch(x, m, seed, offset, sparsity, rows)
 
 
@@ -319,8 +319,8 @@ def countsketch_pair(f: torch.Tensor, g: torch.Tensor, m: int, seed: int, offset
     det = _deterministic(deterministic)
     if _NATIVE:
         with _dispatch_context(f, g):
-            return torch.ops.nnsim_fast.countsketch_pair.default(f, g, rows, m, seed, offset,
-                                                                 sparsity, det)
+            return torch.ops.nnsim_fast.countsketch_pair.default(f, g, m, seed, offset, sparsity,
+                                                                 rows=rows, deterministic=det)
     return (reference_countsketch(f, m, seed, offset, sparsity, rows),
             reference_countsketch(g, m, seed, offset, sparsity, rows))
 
@@ -348,8 +348,8 @@ def countsketch_pair_(acc_f: torch.Tensor, acc_g: torch.Tensor, f: torch.Tensor,
     _check_row_range(f.shape[0], offset, rows)
     det = _deterministic(deterministic)
     if _NATIVE:
-        torch.ops.nnsim_fast.countsketch_pair_.default(acc_f, acc_g, f, g, rows, seed, offset,
-                                                       sparsity, det)
+        torch.ops.nnsim_fast.countsketch_pair_.default(acc_f, acc_g, f, g, seed, offset, sparsity,
+                                                       rows=rows, deterministic=det)
     else:
         with torch.no_grad():
             reference_countsketch_pair_(acc_f, acc_g, f, g, seed, offset, sparsity, rows)
@@ -404,27 +404,27 @@ def _register() -> None:
     lib = "nnsim_fast"
 
     @torch.library.register_fake(f"{lib}::sketch_hash")
-    def _(rows, m, seed, sparsity):
+    def _(rows, m, seed, sparsity=1):
         n = rows.shape[0]
         return (rows.new_empty((n, sparsity), dtype=torch.int64),
                 rows.new_empty((n, sparsity), dtype=torch.float32))
 
     @torch.library.register_fake(f"{lib}::countsketch")
-    def _(x, rows, m, seed, offset, sparsity, deterministic):
+    def _(x, m, seed, offset=0, sparsity=1, rows=None, deterministic=False):
         return x.new_empty((m, x.shape[1]), dtype=_accumulate_dtype(x.dtype))
 
     @torch.library.register_fake(f"{lib}::countsketch_pair")
-    def _(f, g, rows, m, seed, offset, sparsity, deterministic):
+    def _(f, g, m, seed, offset=0, sparsity=1, rows=None, deterministic=False):
         dtype = _accumulate_dtype(f.dtype)
         return (f.new_empty((m, f.shape[1]), dtype=dtype),
                 g.new_empty((m, g.shape[1]), dtype=dtype))
 
     @torch.library.register_fake(f"{lib}::countsketch_pair_")
-    def _(acc_f, acc_g, f, g, rows, seed, offset, sparsity, deterministic):
+    def _(acc_f, acc_g, f, g, seed, offset=0, sparsity=1, rows=None, deterministic=False):
         return None
 
     @torch.library.register_fake(f"{lib}::countsketch_backward")
-    def _(grad_y, rows, n, seed, offset, sparsity):
+    def _(grad_y, n, seed, offset=0, sparsity=1, rows=None):
         return grad_y.new_empty((n, grad_y.shape[1]))
 
     @torch.library.register_fake(f"{lib}::hadamard_gram")
@@ -437,12 +437,13 @@ def _register() -> None:
         if grad is None:
             return None
         grad_x = torch.ops.nnsim_fast.countsketch_backward.default(
-            grad.contiguous(), ctx.rows, ctx_x_shape[0], ctx.seed, ctx.offset, ctx.sparsity)
+            grad.contiguous(), ctx_x_shape[0], ctx.seed, ctx.offset, ctx.sparsity, rows=ctx.rows)
         return grad_x.to(dtype)
 
     def _setup_single(ctx, inputs, output):
-        x, rows, m, seed, offset, sparsity, _ = inputs
-        ctx.rows, ctx.seed, ctx.offset, ctx.sparsity = rows, seed, offset, sparsity
+        x, m, seed, offset, sparsity, rows, _ = inputs
+        ctx.rows = rows
+        ctx.seed, ctx.offset, ctx.sparsity = seed, offset, sparsity
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
 
     def _backward_single(ctx, grad):
@@ -452,8 +453,9 @@ def _register() -> None:
                                     setup_context=_setup_single)
 
     def _setup_pair(ctx, inputs, output):
-        f, g, rows, m, seed, offset, sparsity, _ = inputs
-        ctx.rows, ctx.seed, ctx.offset, ctx.sparsity = rows, seed, offset, sparsity
+        f, g, m, seed, offset, sparsity, rows, _ = inputs
+        ctx.rows = rows
+        ctx.seed, ctx.offset, ctx.sparsity = seed, offset, sparsity
         ctx.f_shape, ctx.g_shape, ctx.dtype = f.shape, g.shape, f.dtype
 
     def _backward_pair(ctx, grad_f, grad_g):
@@ -465,14 +467,15 @@ def _register() -> None:
 
     # The gather is linear too: its gradient is the scatter (for double backward).
     def _setup_gather(ctx, inputs, output):
-        grad_y, rows, n, seed, offset, sparsity = inputs
-        ctx.rows, ctx.seed, ctx.offset, ctx.sparsity = rows, seed, offset, sparsity
+        grad_y, n, seed, offset, sparsity, rows = inputs
+        ctx.rows = rows
+        ctx.seed, ctx.offset, ctx.sparsity = seed, offset, sparsity
         ctx.m, ctx.dtype = grad_y.shape[0], grad_y.dtype
 
     def _backward_gather(ctx, grad):
         grad_y = torch.ops.nnsim_fast.countsketch.default(
-            grad.contiguous(), ctx.rows, ctx.m, ctx.seed, ctx.offset, ctx.sparsity,
-            torch.are_deterministic_algorithms_enabled())
+            grad.contiguous(), ctx.m, ctx.seed, ctx.offset, ctx.sparsity, rows=ctx.rows,
+            deterministic=torch.are_deterministic_algorithms_enabled())
         return (grad_y.to(ctx.dtype),) + (None,) * 5
 
     torch.library.register_autograd(f"{lib}::countsketch_backward", _backward_gather,

@@ -231,7 +231,7 @@ def test_runs_on_the_current_stream():
         torch.cuda._sleep(50_000_000)
         y.copy_(x)
         outs = [ops.countsketch(y, 64, 2, deterministic=det) for det in (False, True)]
-        grad = torch.ops.nnsim_fast.countsketch_backward(y[:64], None, 100, 2, 0, 1)
+        grad = torch.ops.nnsim_fast.countsketch_backward(y[:64], 100, 2, 0, 1, None)
         gram = ops.hadamard_gram(y[:100], y[:100, :8])
     side.synchronize()
     for out in outs:
@@ -273,7 +273,7 @@ def test_backward_gather_matches_dense(dtype, sparsity):
     n, m, d = 1500, 64, 40
     gy = random_matrix(m, d, dtype, seed=70 + sparsity)
     rows = torch.randperm(5 * n, generator=torch.Generator().manual_seed(71))[:n]
-    out = torch.ops.nnsim_fast.countsketch_backward(gy, rows.cuda(), n, 13, 4, sparsity)
+    out = torch.ops.nnsim_fast.countsketch_backward(gy, n, 13, 4, sparsity, rows.cuda())
     assert out.is_cuda and out.dtype == dtype and out.shape == (n, d)
     S = ops.sketch_matrix(n, m, 13, 4, sparsity, rows=rows, dtype=torch.float64)
     ref = S.t() @ gy.cpu().double()
@@ -282,7 +282,7 @@ def test_backward_gather_matches_dense(dtype, sparsity):
     eps = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-6,
            torch.float64: 1e-14}[dtype]
     assert bool(((out.cpu().double() - ref).abs() <= eps * bound).all())
-    cpu = torch.ops.nnsim_fast.countsketch_backward(gy.cpu(), rows, n, 13, 4, sparsity)
+    cpu = torch.ops.nnsim_fast.countsketch_backward(gy.cpu(), n, 13, 4, sparsity, rows)
     assert bool(((out.cpu().double() - cpu.double()).abs() <= 2 * eps * bound).all())
 
 
@@ -356,26 +356,23 @@ def test_native_cuda_ops_reject_bad_input():
     x = torch.randn(10, 4, device="cuda")
     nf = torch.ops.nnsim_fast
     with pytest.raises(TypeError):
-        nf.countsketch(x.int(), None, 8, 0, 0, 1, False)
+        nf.countsketch(x.int(), 8, 0, 0, 1, None, False)
     with pytest.raises(ValueError):
-        nf.countsketch(x, None, 0, 0, 0, 1, False)
+        nf.countsketch(x, 0, 0, 0, 1, None, False)
     with pytest.raises(ValueError):
-        nf.countsketch(x, None, 8, 0, 0, 3, False)          # 3 does not divide 8
+        nf.countsketch(x, 8, 0, 0, 3, None, False)          # 3 does not divide 8
     with pytest.raises(ValueError):
-        nf.countsketch(x, torch.arange(10), 8, 0, 0, 1, False)  # rows on the CPU
+        nf.countsketch(x, 8, 0, 0, 1, torch.arange(10), False)  # rows on the CPU
     with pytest.raises(ValueError):
-        nf.countsketch_pair(x, torch.randn(9, 2, device="cuda"), None, 8, 0, 0, 1, False)
+        nf.countsketch_pair(x, torch.randn(9, 2, device="cuda"), 8, 0, 0, 1, None, False)
     with pytest.raises(ValueError):
-        nf.countsketch_pair(x, torch.randn(10, 2), None, 8, 0, 0, 1, False)
+        nf.countsketch_pair(x, torch.randn(10, 2), 8, 0, 0, 1, None, False)
     with pytest.raises(ValueError):
-        nf.countsketch_pair_(torch.zeros(8, 4, device="cuda"), torch.zeros(8, 3, device="cuda"),
-                             x, torch.randn(10, 2, device="cuda"), None, 0, 0, 1, False)
+        nf.countsketch_pair_(torch.zeros(8, 4, device="cuda"), torch.zeros(8, 3, device="cuda"), x, torch.randn(10, 2, device="cuda"), 0, 0, 1, None, False)
     with pytest.raises(TypeError):
-        nf.countsketch_pair_(torch.zeros(8, 4, device="cuda", dtype=torch.float16),
-                             torch.zeros(8, 2, device="cuda", dtype=torch.float16),
-                             x, torch.randn(10, 2, device="cuda"), None, 0, 0, 1, False)
+        nf.countsketch_pair_(torch.zeros(8, 4, device="cuda", dtype=torch.float16), torch.zeros(8, 2, device="cuda", dtype=torch.float16), x, torch.randn(10, 2, device="cuda"), 0, 0, 1, None, False)
     with pytest.raises(ValueError):
-        nf.countsketch_backward(x, None, -1, 0, 0, 1)
+        nf.countsketch_backward(x, -1, 0, 0, 1, None)
     with pytest.raises(ValueError):
         nf.hadamard_gram(x, x)                               # 2-D
     with pytest.raises(TypeError):
@@ -393,15 +390,15 @@ def test_opcheck_all_ops():
     nf = torch.ops.nnsim_fast
     torch.library.opcheck(nf.sketch_hash.default, (rows, 16, 3, 4))
     for det in (False, True):
-        torch.library.opcheck(nf.countsketch.default, (x, rows, 16, 3, 5, 2, det))
-        torch.library.opcheck(nf.countsketch_pair.default, (x, g, None, 16, 3, 5, 2, det))
+        torch.library.opcheck(nf.countsketch.default, (x, 16, 3, 5, 2, rows, det))
+        torch.library.opcheck(nf.countsketch_pair.default, (x, g, 16, 3, 5, 2, None, det))
         acc_f = torch.zeros(16, 7, dtype=torch.float64, device="cuda")
         acc_g = torch.zeros(16, 3, dtype=torch.float64, device="cuda")
         torch.library.opcheck(nf.countsketch_pair_.default,
-                              (acc_f, acc_g, x.detach(), g.detach(), None, 3, 5, 2, det))
+                              (acc_f, acc_g, x.detach(), g.detach(), 3, 5, 2, None, det))
     torch.library.opcheck(nf.countsketch_backward.default,
-                          (torch.randn(16, 7, dtype=torch.float64, device="cuda"), rows, 300, 3,
-                           5, 2))
+                          (torch.randn(16, 7, dtype=torch.float64, device="cuda"), 300, 3, 5, 2,
+                           rows))
     a = torch.randn(2, 20, 6, device="cuda")
     torch.library.opcheck(nf.hadamard_gram.default, (a, torch.randn(2, 20, 4, device="cuda")))
 

@@ -336,7 +336,7 @@ def test_countsketch_backward_is_transpose(case):
     grad_y = rng.standard_normal((m, case["df"]))
     for dtype in (torch.float64, torch.float32):
         gy = torch.from_numpy(grad_y).to(dtype)
-        got = NATIVE.countsketch_backward(gy, rows, n, case["seed"], case["offset"], s)
+        got = NATIVE.countsketch_backward(gy, n, case["seed"], case["offset"], s, rows)
         assert got.shape == (n, case["df"])
         assert_gather(got, S, s, as_f64(gy), dtype, f"countsketch_backward {dtype}")
     # Through autograd of both differentiable wrappers.
@@ -397,7 +397,7 @@ def test_every_dtype_within_its_precision(dtype, sparsity):
         assert_sketch(acc_g, S, counts, as_f64(g), acc_dtype, "pair_ g")
 
     grad_y = torch.from_numpy(rng.standard_normal((m, df))).to(dtype)
-    gathered = NATIVE.countsketch_backward(grad_y, None, n, seed, offset, sparsity)
+    gathered = NATIVE.countsketch_backward(grad_y, n, seed, offset, sparsity, None)
     assert_gather(gathered, S, sparsity, as_f64(grad_y), dtype, "countsketch_backward")
     x = f.clone().requires_grad_()
     ops.countsketch(x, m, seed, offset, sparsity).backward(grad_y.to(acc))
@@ -461,9 +461,8 @@ def test_strided_inputs_equal_contiguous(dtype, torch_generator):
             assert torch.equal(accs[0], accs[2]) and torch.equal(accs[1], accs[3]), name
     grad_views = strided_views(m, d, dtype, torch_generator)
     for name, grad_y in grad_views.items():
-        assert torch.equal(NATIVE.countsketch_backward(grad_y, None, n, seed, offset, sparsity),
-                           NATIVE.countsketch_backward(grad_y.contiguous(), None, n, seed,
-                                                       offset, sparsity)), name
+        assert torch.equal(NATIVE.countsketch_backward(grad_y, n, seed, offset, sparsity, None),
+                           NATIVE.countsketch_backward(grad_y.contiguous(), n, seed, offset, sparsity, None)), name
     a = torch.randn(3, 7, 40, generator=torch_generator).to(dtype).transpose(1, 2)  # [3, 40, 7]
     b = torch.randn(40, 6, 3, generator=torch_generator).to(dtype).permute(2, 0, 1)  # [3, 40, 6]
     assert torch.equal(ops.hadamard_gram(a, b), ops.hadamard_gram(a.contiguous(), b.contiguous()))
@@ -570,7 +569,7 @@ def run_all_ops(f, g, rows, grad_y, a, b, m, seed, offset, sparsity):
     return (ops.countsketch(f, m, seed, offset, sparsity, rows=rows),
             *ops.countsketch_pair(f, g, m, seed, offset, sparsity, rows=rows),
             acc_f, acc_g,
-            NATIVE.countsketch_backward(grad_y, rows, f.shape[0], seed, offset, sparsity),
+            NATIVE.countsketch_backward(grad_y, f.shape[0], seed, offset, sparsity, rows),
             ops.hadamard_gram(a, b))
 
 
@@ -638,22 +637,17 @@ def _opcheck_samples():
     return {
         "sketch_hash": [(torch.arange(10), 16, 3, 2), (torch.zeros(0, dtype=torch.int64), 4, 0, 1),
                         (torch.tensor([0, 2**62, MAX_SEED]), MAX_M, MAX_SEED, 1)],
-        "countsketch": [(randn(6, 3, grad=True), None, 8, 1, 0, 2, False),
-                        (randn(6, 3, dtype=torch.float64, grad=True), rows, 8, 1, 2**40, 4, True),
-                        (randn(6, 2, dtype=torch.bfloat16), None, 5, 0, 0, 1, False)],
-        "countsketch_pair": [(randn(6, 3, grad=True), randn(6, 2, grad=True), None, 8, 1, 0, 2, False),
-                             (randn(6, 1, dtype=torch.float64, grad=True),
-                              randn(6, 4, dtype=torch.float64, grad=True), rows, 4, 9, 3, 1, False),
-                             (randn(6, 2, dtype=torch.float16), randn(6, 2, dtype=torch.float16),
-                              None, 2, 0, 0, 2, True)],
-        "countsketch_pair_": [(torch.zeros(8, 3), torch.ones(8, 2), randn(6, 3), randn(6, 2), None,
-                               1, 0, 2, False),
-                              (torch.zeros(4, 2, dtype=torch.float64),
-                               torch.zeros(4, 1, dtype=torch.float64), randn(6, 2, dtype=torch.float16),
-                               randn(6, 1, dtype=torch.float16), rows, 3, 7, 4, True)],
-        "countsketch_backward": [(randn(8, 3), None, 6, 1, 0, 2),
-                                 (randn(4, 2, dtype=torch.float64), rows, 6, 5, 2**33, 4),
-                                 (randn(3, 2, dtype=torch.bfloat16), None, 0, 5, 0, 1)],
+        "countsketch": [(randn(6, 3, grad=True), 8, 1, 0, 2, None, False),
+                        (randn(6, 3, dtype=torch.float64, grad=True), 8, 1, 2**40, 4, rows, True),
+                        (randn(6, 2, dtype=torch.bfloat16), 5, 0, 0, 1, None, False)],
+        "countsketch_pair": [(randn(6, 3, grad=True), randn(6, 2, grad=True), 8, 1, 0, 2, None, False),
+                             (randn(6, 1, dtype=torch.float64, grad=True), randn(6, 4, dtype=torch.float64, grad=True), 4, 9, 3, 1, rows, False),
+                             (randn(6, 2, dtype=torch.float16), randn(6, 2, dtype=torch.float16), 2, 0, 0, 2, None, True)],
+        "countsketch_pair_": [(torch.zeros(8, 3), torch.ones(8, 2), randn(6, 3), randn(6, 2), 1, 0, 2, None, False),
+                              (torch.zeros(4, 2, dtype=torch.float64), torch.zeros(4, 1, dtype=torch.float64), randn(6, 2, dtype=torch.float16), randn(6, 1, dtype=torch.float16), 3, 7, 4, rows, True)],
+        "countsketch_backward": [(randn(8, 3), 6, 1, 0, 2, None),
+                                 (randn(4, 2, dtype=torch.float64), 6, 5, 2**33, 4, rows),
+                                 (randn(3, 2, dtype=torch.bfloat16), 0, 5, 0, 1, None)],
         "hadamard_gram": [(randn(2, 5, 3), randn(2, 5, 4)),
                           (randn(1, 3, 2, dtype=torch.float16), randn(1, 3, 2, dtype=torch.float16)),
                           (randn(2, 0, 3, dtype=torch.float64), randn(2, 0, 1, dtype=torch.float64))],
@@ -711,11 +705,11 @@ def test_native_equals_reference(sparsity, with_rows):
     else:
         f = torch.randn(n, df, generator=gen, dtype=torch.float64)
         g = torch.randn(n, dg, generator=gen, dtype=torch.float64)
-    native = NATIVE.countsketch(f, rows, m, seed, offset, sparsity, False)
+    native = NATIVE.countsketch(f, m, seed, offset, sparsity, rows, False)
     reference = ops.reference_countsketch(f, m, seed, offset, sparsity, rows)
     acc_native = [torch.zeros(m, df, dtype=torch.float64), torch.zeros(m, dg, dtype=torch.float64)]
     acc_reference = [torch.zeros(m, df, dtype=torch.float64), torch.zeros(m, dg, dtype=torch.float64)]
-    NATIVE.countsketch_pair_(*acc_native, f, g, rows, seed, offset, sparsity, False)
+    NATIVE.countsketch_pair_(*acc_native, f, g, seed, offset, sparsity, rows, False)
     ops.reference_countsketch_pair_(*acc_reference, f, g, seed, offset, sparsity, rows)
     a, b = torch.randn(2, 40, 5, dtype=torch.float64), torch.randn(2, 40, 2, dtype=torch.float64)
     if exact:
@@ -911,48 +905,42 @@ def test_bad_data_is_named(call, error, message):
 
 R6 = torch.arange(6)
 BAD_NATIVE = [
-    ("x rank", lambda: NATIVE.countsketch(torch.randn(6), None, 4, 0, 0, 1, False), "x must be a 2-D"),
-    ("x int", lambda: NATIVE.countsketch(torch.ones(6, 3, dtype=torch.int32), None, 4, 0, 0, 1, False),
+    ("x rank", lambda: NATIVE.countsketch(torch.randn(6), 4, 0, 0, 1, None, False), "x must be a 2-D"),
+    ("x int", lambda: NATIVE.countsketch(torch.ones(6, 3, dtype=torch.int32), 4, 0, 0, 1, None, False),
      "x must be float16"),
-    ("x bool", lambda: NATIVE.countsketch(torch.ones(6, 3, dtype=torch.bool), None, 4, 0, 0, 1, False),
+    ("x bool", lambda: NATIVE.countsketch(torch.ones(6, 3, dtype=torch.bool), 4, 0, 0, 1, None, False),
      "x must be float16"),
-    ("m zero", lambda: NATIVE.countsketch(X, None, 0, 0, 0, 1, False), "m must be in"),
-    ("m huge", lambda: NATIVE.countsketch(X, None, 2**31, 0, 0, 1, False), "m must be in"),
-    ("m negative", lambda: NATIVE.countsketch_pair(X, G, None, -4, 0, 0, 1, False), "m must be in"),
-    ("seed", lambda: NATIVE.countsketch(X, None, 4, -1, 0, 1, False), "seed must be >= 0"),
-    ("offset", lambda: NATIVE.countsketch_pair(X, G, None, 4, 0, -1, 1, False), "offset must be >= 0"),
-    ("sparsity 0", lambda: NATIVE.countsketch(X, None, 4, 0, 0, 0, False), "sparsity must be in"),
-    ("sparsity 64", lambda: NATIVE.countsketch(X, None, 64, 0, 0, 64, False), "sparsity must be in"),
-    ("sparsity divides", lambda: NATIVE.countsketch(X, None, 6, 0, 0, 4, False), "must divide m"),
-    ("rows length", lambda: NATIVE.countsketch(X, torch.arange(5), 4, 0, 0, 1, False),
+    ("m zero", lambda: NATIVE.countsketch(X, 0, 0, 0, 1, None, False), "m must be in"),
+    ("m huge", lambda: NATIVE.countsketch(X, 2**31, 0, 0, 1, None, False), "m must be in"),
+    ("m negative", lambda: NATIVE.countsketch_pair(X, G, -4, 0, 0, 1, None, False), "m must be in"),
+    ("seed", lambda: NATIVE.countsketch(X, 4, -1, 0, 1, None, False), "seed must be >= 0"),
+    ("offset", lambda: NATIVE.countsketch_pair(X, G, 4, 0, -1, 1, None, False), "offset must be >= 0"),
+    ("sparsity 0", lambda: NATIVE.countsketch(X, 4, 0, 0, 0, None, False), "sparsity must be in"),
+    ("sparsity 64", lambda: NATIVE.countsketch(X, 64, 0, 0, 64, None, False), "sparsity must be in"),
+    ("sparsity divides", lambda: NATIVE.countsketch(X, 6, 0, 0, 4, None, False), "must divide m"),
+    ("rows length", lambda: NATIVE.countsketch(X, 4, 0, 0, 1, torch.arange(5), False),
      "rows must be a 1-D tensor of length 6"),
-    ("rows dtype", lambda: NATIVE.countsketch_pair(X, G, R6.int(), 4, 0, 0, 1, False),
+    ("rows dtype", lambda: NATIVE.countsketch_pair(X, G, 4, 0, 0, 1, R6.int(), False),
      "rows must be int64"),
-    ("pair rows", lambda: NATIVE.countsketch_pair(X, G[:5], None, 4, 0, 0, 1, False),
+    ("pair rows", lambda: NATIVE.countsketch_pair(X, G[:5], 4, 0, 0, 1, None, False),
      "same number of rows"),
-    ("pair dtype", lambda: NATIVE.countsketch_pair(X, G.double(), None, 4, 0, 0, 1, False),
+    ("pair dtype", lambda: NATIVE.countsketch_pair(X, G.double(), 4, 0, 0, 1, None, False),
      "same dtype"),
-    ("acc shape", lambda: NATIVE.countsketch_pair_(torch.zeros(4, 2), torch.zeros(4, 2), X, G, None,
-                                                   0, 0, 1, False), "acc_f must have shape"),
-    ("acc dtype", lambda: NATIVE.countsketch_pair_(torch.zeros(4, 3), torch.zeros(4, 2).half(), X, G,
-                                                   None, 0, 0, 1, False), "acc_g must be float32"),
-    ("acc strided", lambda: NATIVE.countsketch_pair_(torch.zeros(3, 4).t(), torch.zeros(4, 2), X, G,
-                                                     None, 0, 0, 1, False), "acc_f must be contiguous"),
-    ("acc m", lambda: NATIVE.countsketch_pair_(torch.zeros(4, 3), torch.zeros(5, 2), X, G, None,
-                                               0, 0, 1, False), "same m"),
-    ("acc empty m", lambda: NATIVE.countsketch_pair_(torch.zeros(0, 3), torch.zeros(0, 2), X, G, None,
-                                                     0, 0, 1, False), "m must be in"),
-    ("acc sparsity", lambda: NATIVE.countsketch_pair_(torch.zeros(6, 3), torch.zeros(6, 2), X, G,
-                                                      None, 0, 0, 4, False), "must divide m"),
-    ("backward n", lambda: NATIVE.countsketch_backward(torch.randn(4, 3), None, -1, 0, 0, 1),
+    ("acc shape", lambda: NATIVE.countsketch_pair_(torch.zeros(4, 2), torch.zeros(4, 2), X, G, 0, 0, 1, None, False), "acc_f must have shape"),
+    ("acc dtype", lambda: NATIVE.countsketch_pair_(torch.zeros(4, 3), torch.zeros(4, 2).half(), X, G, 0, 0, 1, None, False), "acc_g must be float32"),
+    ("acc strided", lambda: NATIVE.countsketch_pair_(torch.zeros(3, 4).t(), torch.zeros(4, 2), X, G, 0, 0, 1, None, False), "acc_f must be contiguous"),
+    ("acc m", lambda: NATIVE.countsketch_pair_(torch.zeros(4, 3), torch.zeros(5, 2), X, G, 0, 0, 1, None, False), "same m"),
+    ("acc empty m", lambda: NATIVE.countsketch_pair_(torch.zeros(0, 3), torch.zeros(0, 2), X, G, 0, 0, 1, None, False), "m must be in"),
+    ("acc sparsity", lambda: NATIVE.countsketch_pair_(torch.zeros(6, 3), torch.zeros(6, 2), X, G, 0, 0, 4, None, False), "must divide m"),
+    ("backward n", lambda: NATIVE.countsketch_backward(torch.randn(4, 3), -1, 0, 0, 1, None),
      "n must be >= 0"),
-    ("backward rank", lambda: NATIVE.countsketch_backward(torch.randn(4), None, 6, 0, 0, 1),
+    ("backward rank", lambda: NATIVE.countsketch_backward(torch.randn(4), 6, 0, 0, 1, None),
      "grad_y must be a 2-D"),
-    ("backward empty m", lambda: NATIVE.countsketch_backward(torch.randn(0, 3), None, 6, 0, 0, 1),
+    ("backward empty m", lambda: NATIVE.countsketch_backward(torch.randn(0, 3), 6, 0, 0, 1, None),
      "m must be in"),
-    ("backward rows", lambda: NATIVE.countsketch_backward(torch.randn(4, 3), R6, 5, 0, 0, 1),
+    ("backward rows", lambda: NATIVE.countsketch_backward(torch.randn(4, 3), 5, 0, 0, 1, R6),
      "rows must be a 1-D tensor of length 5"),
-    ("backward int", lambda: NATIVE.countsketch_backward(torch.ones(4, 3).long(), None, 5, 0, 0, 1),
+    ("backward int", lambda: NATIVE.countsketch_backward(torch.ones(4, 3).long(), 5, 0, 0, 1, None),
      "grad_y must be float16"),
     ("gram rank", lambda: NATIVE.hadamard_gram(torch.randn(5, 3), torch.randn(5, 3)), "must be 3-D"),
     ("gram shape", lambda: NATIVE.hadamard_gram(torch.randn(1, 5, 3), torch.randn(1, 4, 3)),
@@ -997,7 +985,7 @@ def test_offsets_and_rows_beyond_32_bits_use_the_documented_hash():
         single = ops.countsketch(x[i:i + 1], m, seed, offset + row, sparsity)
         np.testing.assert_allclose(single.numpy(), S[:, i:i + 1] @ x[i:i + 1].numpy(), rtol=0,
                                    atol=1e-12)
-    gathered = NATIVE.countsketch_backward(torch.from_numpy(expected), rows, 6, seed, offset, sparsity)
+    gathered = NATIVE.countsketch_backward(torch.from_numpy(expected), 6, seed, offset, sparsity, rows)
     np.testing.assert_allclose(gathered.numpy(), S.T @ expected, rtol=0, atol=1e-12)
 
 
@@ -1049,3 +1037,23 @@ def test_calls_longer_than_one_hash_block_equal_the_reference(torch_generator):
     torch.testing.assert_close(ops.countsketch(x, 64, 5, 7, 2, rows=rows),
                                ops.reference_countsketch(x, 64, 5, 7, 2, rows=rows),
                                rtol=1e-12, atol=1e-9)
+
+
+def test_raw_ops_take_the_documented_defaults(torch_generator):
+    # The schemas carry offset=0, sparsity=1, rows=None, deterministic=False, so the
+    # raw ops can be called as the README's table shows.
+    x = torch.randn(50, 3, generator=torch_generator)
+    g = torch.randn(50, 2, generator=torch_generator)
+    raw = torch.ops.nnsim_fast
+    assert torch.equal(raw.countsketch(x, m=8, seed=1), ops.reference_countsketch(x, 8, 1))
+    pair = raw.countsketch_pair(x, g, m=8, seed=1)
+    assert torch.equal(pair[0], ops.reference_countsketch(x, 8, 1))
+    assert torch.equal(pair[1], ops.reference_countsketch(g, 8, 1))
+    acc_f, acc_g = torch.zeros(8, 3), torch.zeros(8, 2)
+    raw.countsketch_pair_(acc_f, acc_g, x, g, seed=1)
+    assert torch.equal(acc_f, pair[0]) and torch.equal(acc_g, pair[1])
+    buckets, signs = raw.sketch_hash(torch.arange(50), m=8, seed=1)
+    assert torch.equal(buckets, ops.reference_sketch_hash(torch.arange(50), 8, 1)[0])
+    grad_y = torch.randn(8, 3, generator=torch_generator)
+    S = ops.sketch_matrix(50, 8, 1, dtype=torch.float32)
+    torch.testing.assert_close(raw.countsketch_backward(grad_y, n=50, seed=1), S.t() @ grad_y)

@@ -239,8 +239,8 @@ void accumulate_dispatch(at::Tensor& acc_f, at::Tensor& acc_g, const at::Tensor&
 }
 
 void countsketch_pair_inplace_cpu(at::Tensor acc_f, at::Tensor acc_g, const at::Tensor& f,
-                                  const at::Tensor& g, const std::optional<at::Tensor>& rows,
-                                  int64_t seed, int64_t offset, int64_t sparsity,
+                                  const at::Tensor& g, int64_t seed, int64_t offset,
+                                  int64_t sparsity, const std::optional<at::Tensor>& rows,
                                   bool /*deterministic: the CPU path always is*/) {
   check_pair(f, g);
   check_accumulators(acc_f, acc_g, f, g);
@@ -250,21 +250,23 @@ void countsketch_pair_inplace_cpu(at::Tensor acc_f, at::Tensor acc_g, const at::
 }
 
 std::tuple<at::Tensor, at::Tensor> countsketch_pair_cpu(const at::Tensor& f, const at::Tensor& g,
-                                                        const std::optional<at::Tensor>& rows,
                                                         int64_t m, int64_t seed, int64_t offset,
-                                                        int64_t sparsity, bool deterministic) {
+                                                        int64_t sparsity,
+                                                        const std::optional<at::Tensor>& rows,
+                                                        bool deterministic) {
   check_pair(f, g);
   check_sketch_args(m, seed, offset, sparsity);
   const auto options = f.options().dtype(accumulate_dtype(f.scalar_type()));
   at::Tensor sketch_f = at::zeros({m, f.size(1)}, options);
   at::Tensor sketch_g = at::zeros({m, g.size(1)}, options);
-  countsketch_pair_inplace_cpu(sketch_f, sketch_g, f, g, rows, seed, offset, sparsity,
+  countsketch_pair_inplace_cpu(sketch_f, sketch_g, f, g, seed, offset, sparsity, rows,
                                deterministic);
   return {sketch_f, sketch_g};
 }
 
-at::Tensor countsketch_cpu(const at::Tensor& x, const std::optional<at::Tensor>& rows, int64_t m,
-                           int64_t seed, int64_t offset, int64_t sparsity, bool /*deterministic*/) {
+at::Tensor countsketch_cpu(const at::Tensor& x, int64_t m, int64_t seed, int64_t offset,
+                           int64_t sparsity, const std::optional<at::Tensor>& rows,
+                           bool /*deterministic*/) {
   check_matrix(x, "x");
   check_sketch_args(m, seed, offset, sparsity);
   check_rows(rows, x.size(0), x);
@@ -274,8 +276,9 @@ at::Tensor countsketch_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   return sketch;
 }
 
-at::Tensor countsketch_backward_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>& rows,
-                                    int64_t n, int64_t seed, int64_t offset, int64_t sparsity) {
+at::Tensor countsketch_backward_cpu(const at::Tensor& grad_y, int64_t n, int64_t seed,
+                                    int64_t offset, int64_t sparsity,
+                                    const std::optional<at::Tensor>& rows) {
   check_matrix(grad_y, "grad_y");
   TORCH_CHECK_VALUE(n >= 0, "n must be >= 0, got ", n);
   const int64_t m = grad_y.size(0);

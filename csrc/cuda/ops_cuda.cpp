@@ -99,8 +99,8 @@ void accumulate(const at::Tensor& acc_f, const at::Tensor* acc_g, const at::Tens
 }
 
 void countsketch_pair_inplace_cuda(at::Tensor acc_f, at::Tensor acc_g, const at::Tensor& f,
-                                   const at::Tensor& g, const std::optional<at::Tensor>& rows,
-                                   int64_t seed, int64_t offset, int64_t sparsity,
+                                   const at::Tensor& g, int64_t seed, int64_t offset,
+                                   int64_t sparsity, const std::optional<at::Tensor>& rows,
                                    bool deterministic) {
   check_pair(f, g);
   check_accumulators(acc_f, acc_g, f, g);
@@ -110,9 +110,10 @@ void countsketch_pair_inplace_cuda(at::Tensor acc_f, at::Tensor acc_g, const at:
 }
 
 std::tuple<at::Tensor, at::Tensor> countsketch_pair_cuda(const at::Tensor& f, const at::Tensor& g,
-                                                         const std::optional<at::Tensor>& rows,
                                                          int64_t m, int64_t seed, int64_t offset,
-                                                         int64_t sparsity, bool deterministic) {
+                                                         int64_t sparsity,
+                                                         const std::optional<at::Tensor>& rows,
+                                                         bool deterministic) {
   check_pair(f, g);
   check_sketch_args(m, seed, offset, sparsity);
   check_rows(rows, f.size(0), f);
@@ -124,8 +125,9 @@ std::tuple<at::Tensor, at::Tensor> countsketch_pair_cuda(const at::Tensor& f, co
   return {sketch_f, sketch_g};
 }
 
-at::Tensor countsketch_cuda(const at::Tensor& x, const std::optional<at::Tensor>& rows, int64_t m,
-                            int64_t seed, int64_t offset, int64_t sparsity, bool deterministic) {
+at::Tensor countsketch_cuda(const at::Tensor& x, int64_t m, int64_t seed, int64_t offset,
+                            int64_t sparsity, const std::optional<at::Tensor>& rows,
+                            bool deterministic) {
   check_matrix(x, "x");
   check_sketch_args(m, seed, offset, sparsity);
   check_rows(rows, x.size(0), x);
@@ -136,9 +138,9 @@ at::Tensor countsketch_cuda(const at::Tensor& x, const std::optional<at::Tensor>
   return sketch;
 }
 
-at::Tensor countsketch_backward_cuda(const at::Tensor& grad_y,
-                                     const std::optional<at::Tensor>& rows, int64_t n,
-                                     int64_t seed, int64_t offset, int64_t sparsity) {
+at::Tensor countsketch_backward_cuda(const at::Tensor& grad_y, int64_t n, int64_t seed,
+                                     int64_t offset, int64_t sparsity,
+                                     const std::optional<at::Tensor>& rows) {
   check_matrix(grad_y, "grad_y");
   TORCH_CHECK_VALUE(n >= 0, "n must be >= 0, got ", n);
   const int64_t m = grad_y.size(0);
