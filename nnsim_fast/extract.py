@@ -233,7 +233,7 @@ def sketch_model(model: nn.Module, data: Iterable, layers: Optional[Sequence[str
                  target: str = "expected", loss_fn: Optional[Callable] = None,
                  output_fn: Optional[Callable] = None, spatial: str = "flatten",
                  dtype: torch.dtype = torch.float32, device=None, product: bool = False,
-                 mean_embedding: bool = False, psi: bool = False,
+                 mean_embedding: bool = False, psi: bool = True,
                  psi_budget: Optional[int] = None, psi_dim: Optional[int] = None,
                  max_batches: Optional[int] = None,
                  progress: Optional[bool] = None,
@@ -318,16 +318,17 @@ def sketch_model(model: nn.Module, data: Iterable, layers: Optional[Sequence[str
             raise ValueError("into was sketched with " +
                              ", ".join(f"{k}={have[k]!r}" for k in differ) + "; this call asks "
                              "for " + ", ".join(f"{k}={wanted[k]!r}" for k in differ))
-        for layer_name, layer in rep.layers.items():
-            options = {"product": layer.sketch_fg is not None,
-                       "mean_embedding": layer.mean_psi is not None,
-                       "psi": layer.sketch_psi is not None}
-            asked = {"product": product, "mean_embedding": mean_embedding, "psi": psi}
-            if options != asked:
-                raise ValueError(f"into's layer {layer_name!r} was sketched with {options}; "
-                                 f"this call asks for {asked}")
+        asked = {"gradients": True, "psi_dim": rep.options["psi_dim"] if psi else 0,
+                 "product": product, "mean_embedding": mean_embedding}
+        if psi and psi_dim is not None:
+            asked["psi_dim"] = psi_dim
+        if asked != rep.options:
+            raise ValueError(f"into was sketched with options {rep.options}; this call asks "
+                             f"for {asked}")
     else:
         rep = Representation(m, seed, sparsity, beta=beta, dtype=dtype, device=rep_device,
+                             psi=psi, psi_dim=psi_dim, product=product,
+                             mean_embedding=mean_embedding,
                              meta={"target": target if loss_fn is None else "loss_fn",
                                    "spatial": spatial, "layers": names})
     output_fn = output_fn or default_output_fn
@@ -392,9 +393,7 @@ def sketch_model(model: nn.Module, data: Iterable, layers: Optional[Sequence[str
                 if rows is not None:
                     rows = rows.to(rep.device)
                 if rows is None or rows.numel():
-                    rep.update(features, gradients, rows=rows, product=product,
-                               mean_embedding=mean_embedding, psi=psi, psi_budget=psi_budget,
-                               psi_dim=psi_dim, feature_shapes=shapes,
+                    rep.update(features, gradients, rows=rows, feature_shapes=shapes,
                                label=f"batch {batch_index}")
                 if bar is not None:
                     bar.update(int(x.shape[0]))

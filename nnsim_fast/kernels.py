@@ -10,10 +10,11 @@ a layer (``m x d``), the kinds are:
 ``"sum"``         ``K~_f + K~_g``
 ``"khatri_rao"``  ``P~ P~^T`` with ``P~ = S (F o G)``, the elementwise product of
                   features and gradients (needs ``sketch_model(..., product=True)``)
-``"psi"``         ``Psi~ Psi~^T`` with ``Psi~ = S Psi``, the sketch of ``psi(x) = g f^T``
-                  itself, so that ``K~ = S K S^T`` (exactly, or through a TensorSketch
-                  of psi; needs ``sketch_model(..., psi=True)``) -- the estimator the
-                  paper's bounds cover
+``"psi"``         ``(Psi~_0 Psi~_0^T + Psi~_1 Psi~_1^T) / 2`` with ``Psi~_h = S T_h(Psi)``,
+                  two independent TensorSketches ``T_h`` of ``psi(x) = g (x) f`` (exact
+                  ``psi`` when ``df * dg`` fits the width): each term is unbiased for
+                  ``S K S^T`` with ``K = K_f o K_g`` -- the estimator the paper's
+                  bounds cover (kept unless ``psi=False``)
 ``"transport"``   ``(I/2 + T/2) K~_f (I/2 + T/2)`` with
                   ``T = K~_f^{-1/2} (K~_f^{1/2} K~_g K~_f^{1/2})^{1/2} K~_f^{-1/2}``
                   (pseudo-inverse square roots on the numerical range of ``K~_f``)
@@ -28,36 +29,29 @@ Centering (``centering=``):
                embedding), using the exact column sums kept
                in the representation.  For ``feature``, ``gradient``, ``sum`` and
                ``khatri_rao`` this is exactly the sketch of the centred data
-               (``S H F``), and for ``psi`` it is exactly ``S H K H S^T``; for ``hadamard`` and ``transport`` it centres each
-               factor, which is not the same as centring their product.
+               (``S H F``), and for ``psi`` it is the sketch of ``H K H``; for
+               ``hadamard`` and ``transport`` it centres each factor, which is not
+               the same as centring their product.
 Kernels are returned in float64 (the index math's precision).
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
 from . import ops
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .sketch import Representation
-
-KINDS = ("feature", "gradient", "hadamard", "sum", "khatri_rao", "psi", "transport")
-CENTERINGS = ("none", "buckets", "data")
+from ._checks import check_choice
+from .options import CENTERINGS, KINDS
 
 
 def check_kind(kind: str) -> str:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return kind
+    return check_choice(kind, "kind", KINDS)
 
 
 def check_centering(centering: str) -> str:
-    if centering not in CENTERINGS:
-        raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
-    return centering
+    return check_choice(centering, "centering", CENTERINGS)
 
 
 def center_buckets(K: torch.Tensor) -> torch.Tensor:
@@ -116,49 +110,50 @@ def _hadamard(fs: List[torch.Tensor], gs: List[torch.Tensor]) -> torch.Tensor:
 
 def _centred_sketch(sketch: torch.Tensor, column_sum: torch.Tensor, ones: torch.Tensor, n: int
                     ) -> torch.Tensor:
-    # S (X - 1 mean^T) = S X - (S 1) mean^T
-    return sketch - ones @ (column_sum / max(n, 1)).unsqueeze(0)
+    # S (X - 1 mean^T) = S X - (S 1) mean^T, for a [.., m, d] sketch and [.., d] sums.
+    return sketch - ones * (column_sum / max(n, 1)).unsqueeze(-2)
 
 
-def representation_kernels(rep: "Representation", layers: Sequence[str], kind: str = "hadamard",
-                           centering: str = "none") -> torch.Tensor:
-    """``[L, m, m]`` float64 kernels of ``layers`` of ``rep`` (see the module docstring)."""
-    check_kind(kind)
-    check_centering(centering)
-    if rep.n == 0:
-        raise ValueError("the representation is empty (no rows sketched yet)")
-    chosen = [rep.layer(name) for name in layers]
-    ones = rep.sketch_ones.to(torch.float64)
+def sketched_kernels(layers: Sequence[Mapping[str, torch.Tensor]], sketch_ones: torch.Tensor,
+                     n: int, kind: str = "hadamard", centering: str = "none") -> torch.Tensor:
+    """``[L, m, m]`` float64 kernels of the given layers (see the module docstring).
 
-    def factor(layer, which: str) -> torch.Tensor:
-        sketch = getattr(layer, f"sketch_{which}")
+    ``layers`` holds each layer's statistics by name (:mod:`nnsim_fast.state`),
+    ``sketch_ones`` is ``S 1`` and ``n`` the number of rows sketched.
+    """
+    check_choice(kind, "kind", KINDS)
+    check_choice(centering, "centering", CENTERINGS)
+    ones = sketch_ones.to(torch.float64)
+
+    def factor(stats, which: str) -> torch.Tensor:
+        sketch = stats.get(f"sketch_{which}")
         if sketch is None:
-            option = "psi=True" if which == "psi" else "product=True"
-            raise ValueError(f"kind={kind!r} needs a statistic this representation lacks; build "
-                             f"it with sketch_model(..., {option})")
+            raise ValueError(f"kind={kind!r} needs a statistic this representation lacks; "
+                             f"{_OPTION_FOR[which]}")
         sketch = sketch.to(torch.float64)
         if centering != "data":
             return sketch
-        column_sum = getattr(layer, f"sum_{which}")
-        return _centred_sketch(sketch, column_sum.to(torch.float64), ones, rep.n)
+        return _centred_sketch(sketch, stats[f"sum_{which}"].to(torch.float64), ones, n)
 
-    if kind == "feature":
-        K = _grams([factor(layer, "f") for layer in chosen])
-    elif kind == "gradient":
-        K = _grams([factor(layer, "g") for layer in chosen])
-    elif kind == "sum":
-        K = _grams([factor(layer, "f") for layer in chosen]) + \
-            _grams([factor(layer, "g") for layer in chosen])
-    elif kind == "khatri_rao":
-        K = _grams([factor(layer, "fg") for layer in chosen])
-    elif kind == "psi":
-        K = _grams([factor(layer, "psi") for layer in chosen])
-    elif kind == "hadamard":
-        K = _hadamard([factor(layer, "f") for layer in chosen],
-                      [factor(layer, "g") for layer in chosen])
-    else:  # transport
-        K = transport_kernel(_grams([factor(layer, "f") for layer in chosen]),
-                             _grams([factor(layer, "g") for layer in chosen]))
+    if kind == "psi":
+        # Mean of the Grams of the two independent TensorSketch halves: PSD, and
+        # each half is unbiased for S K S^T (K the paper's kernel).
+        K = sum(_grams([factor(stats, "psi")[h] for stats in layers]) for h in (0, 1)) / 2
+    elif kind in ("hadamard", "transport"):
+        fs = [factor(stats, "f") for stats in layers]
+        gs = [factor(stats, "g") for stats in layers]
+        K = _hadamard(fs, gs) if kind == "hadamard" else transport_kernel(_grams(fs), _grams(gs))
+    else:
+        which = {"feature": ("f",), "gradient": ("g",), "sum": ("f", "g"), "khatri_rao": ("fg",)}
+        K = sum(_grams([factor(stats, w) for stats in layers]) for w in which[kind])
     if centering == "buckets":
         K = center_buckets(K)
     return K
+
+
+_OPTION_FOR = {
+    "g": "sketch with gradients (sketch_model(..., gradients=True))",
+    "psi": "sketch with psi=True (the default when gradients are kept)",
+    "fg": "sketch with sketch_model(..., product=True)",
+    "f": "features are always kept; the representation is damaged",
+}

@@ -1,32 +1,36 @@
 """Streaming, mergeable sketch state: the ``Representation`` of a model on a dataset.
 
-A ``Representation`` holds, for each probed layer, the CountSketch of its
-feature matrix ``F~ = S F`` and of its expected-gradient matrix ``G~ = S G``
-(S is the ``m x N`` sketch of the sample axis, see :mod:`nnsim_fast.ops`),
-plus exact streaming statistics that do not need the sketch: the row count,
-the column sums of f and g (for data-space centering), ``Tr K`` of the
-paper's kernel, and optionally the sketch of ``f o g`` and the exact mean
-embedding ``sum_i g_i f_i^T``.  Memory is ``O(layers * m * d)`` whatever N is.
+For each probed layer a ``Representation`` keeps the statistics declared in
+:mod:`nnsim_fast.state`: the CountSketch ``S F`` of the feature matrix and
+``S G`` of the expected-gradient matrix, two independent TensorSketches of the
+paper's feature map ``psi = g (x) f`` sketched the same way, and exact float64
+sums (column sums, squared norms, their sketches) that the estimators need to
+centre over the data and to remove the sketch's collision terms.  Memory is
+``O(layers * m * d)`` whatever the number of rows N.
 
 It follows the update / compute / merge shape of a streaming metric:
 ``update`` adds a batch, ``merge`` sums two states over disjoint rows,
-``kernel`` computes an ``m x m`` kernel, ``save``/``load`` persist it safely.
+``all_reduce`` sums them across processes, ``save``/``load`` persist them with
+checksums, and the kernels and similarity estimates are computed from them.
 """
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
+import math
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import ops
+from . import ops, storage
+from . import _psi_halves as psi_sketch
+from ._checks import check_bool, check_float, check_int
+from .state import STATS, LayerStats, RowSet, Stat, batch_terms, enabled_stats, stat_shape
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _META_KEY = "nnsim_fast"
-#: Settings that must agree for two representations' rows to be summed.
-COMPARED_META = ("beta", "target", "spatial")
+#: Settings (in ``meta``) that must agree for two representations' rows to be summed.
+COMPARED_META = ("beta", "target", "spatial", "tokens")
+_MAX_ROW = (1 << 62) - 1
 
 
 def _library_version() -> str:
@@ -34,169 +38,100 @@ def _library_version() -> str:
     return __version__
 
 
-@dataclass
-class LayerSketch:
-    """Sketched and exact statistics of one layer (see module docstring)."""
+class SketchSpec:
+    """What must agree for two representations to be compared (same sketch ``S``)
+    and, with the options and compared settings, to be merged."""
 
-    sketch_f: torch.Tensor                 # [m, df]  S F
-    sketch_g: torch.Tensor                 # [m, dg]  S G
-    sum_f: torch.Tensor                    # [df] float64, sum_i f_i
-    sum_g: torch.Tensor                    # [dg] float64, sum_i g_i
-    trace: torch.Tensor                    # [] float64, sum_i |f_i|^2 |g_i|^2 = Tr K
-    sketch_fg: Optional[torch.Tensor] = None    # [m, d] S (F o G), for kind="khatri_rao"
-    sum_fg: Optional[torch.Tensor] = None       # [d] float64, sum_i f_i o g_i
-    mean_psi: Optional[torch.Tensor] = None     # [dg, df] float64, sum_i g_i f_i^T
-    sketch_psi: Optional[torch.Tensor] = None   # [m, P] S Psi (P = dg*df exact, or TensorSketch)
-    sum_psi: Optional[torch.Tensor] = None      # [P] float64, sum_i psi_i
-    feature_shape: Tuple[int, ...] = ()
+    KEYS = ("m", "seed", "sparsity")
 
-    def tensors(self) -> Dict[str, torch.Tensor]:
-        out = {"sketch_f": self.sketch_f, "sketch_g": self.sketch_g, "sum_f": self.sum_f,
-               "sum_g": self.sum_g, "trace": self.trace}
-        if self.sketch_fg is not None:
-            out["sketch_fg"] = self.sketch_fg
-            out["sum_fg"] = self.sum_fg
-        if self.mean_psi is not None:
-            out["mean_psi"] = self.mean_psi
-        if self.sketch_psi is not None:
-            out["sketch_psi"] = self.sketch_psi
-            out["sum_psi"] = self.sum_psi
-        return out
+    @staticmethod
+    def comparable(a: "Representation", b: "Representation", what: str = "compare") -> None:
+        for rep, name in ((a, "rep_a"), (b, "rep_b")):
+            if not isinstance(rep, Representation):
+                raise TypeError(f"{what} needs a Representation, got {type(rep).__name__} "
+                                f"for {name}")
+        for key in SketchSpec.KEYS:
+            if getattr(a, key) != getattr(b, key):
+                raise ValueError(f"cannot {what} representations sketched with different {key} "
+                                 f"({getattr(a, key)} vs {getattr(b, key)}): their buckets do not "
+                                 "correspond; sketch both with the same m, seed and sparsity")
 
-
-def rows_to_intervals(rows: torch.Tensor) -> List[List[int]]:
-    """Sorted, merged ``[start, stop)`` intervals covering the given row indices."""
-    if rows.numel() == 0:
-        return []
-    r = torch.unique(rows.detach().to("cpu", torch.int64))
-    breaks = torch.nonzero(r[1:] != r[:-1] + 1).flatten() + 1
-    starts = torch.cat([r[:1], r[breaks]]).tolist()
-    stops = torch.cat([r[breaks - 1], r[-1:]]).add(1).tolist()
-    return [[int(s), int(e)] for s, e in zip(starts, stops)]
-
-
-class RowSet:
-    """The set of (non-negative) global rows a representation holds.
-
-    Stream-numbered rows form one interval and are kept as intervals;
-    dataset-index rows are kept as a bitmap (one byte per index up to the
-    largest), so adding a batch and checking it for repeats costs O(batch)
-    whatever the order or interleaving of the indices.
-    """
-
-    def __init__(self, intervals: Optional[List[List[int]]] = None) -> None:
-        self._intervals: List[List[int]] = [list(iv) for iv in intervals or []]
-        self._bits: Optional[torch.Tensor] = None
-
-    # -- views
-    @property
-    def intervals(self) -> List[List[int]]:
-        if self._bits is not None:
-            return rows_to_intervals(torch.nonzero(self._bits).flatten())
-        return [list(iv) for iv in self._intervals]
-
-    def bits(self, length: int = 0) -> torch.Tensor:
-        """The membership bitmap, at least ``length`` long."""
-        if self._bits is None:
-            top = max([stop for _, stop in self._intervals] + [0])
-            bits = torch.zeros(top, dtype=torch.bool)
-            for start, stop in self._intervals:
-                bits[start:stop] = True
-            self._bits, self._intervals = bits, []
-        if self._bits.numel() < length:
-            grown = torch.zeros(max(length, 2 * self._bits.numel()), dtype=torch.bool)
-            grown[: self._bits.numel()] = self._bits
-            self._bits = grown
-        return self._bits
-
-    def copy(self) -> "RowSet":
-        out = RowSet(self._intervals)
-        out._bits = None if self._bits is None else self._bits.clone()
-        return out
-
-    # -- updates
-    def add_range(self, start: int, stop: int) -> None:
-        if stop <= start:
-            return
-        if self._bits is not None:
-            self.bits(stop)[start:stop] = True
-        elif self._intervals and self._intervals[-1][1] == start:
-            self._intervals[-1][1] = stop
-        else:
-            self._intervals = _merge_intervals(self._intervals + [[start, stop]])
-
-    def check_new(self, rows: torch.Tensor) -> None:
-        """Raise if ``rows`` repeats an index, within itself or with the set."""
-        rows = rows.to("cpu", torch.int64)
-        if rows.numel() == 0:
-            return
-        if torch.unique(rows).numel() != rows.numel():
-            raise ValueError("rows contains duplicate indices within one batch")
-        bits = self.bits(int(rows.max()) + 1)
-        if bool(bits[rows].any()):
-            raise ValueError("rows repeats dataset indices already sketched in this "
-                             "representation; each sample may be added once")
-
-    def add_rows(self, rows: torch.Tensor) -> None:
-        rows = rows.to("cpu", torch.int64)
-        if rows.numel():
-            self.bits(int(rows.max()) + 1)[rows] = True
-
-    # -- set algebra
-    def overlaps(self, other: "RowSet") -> bool:
-        if self._bits is None and other._bits is None:
-            return any(s1 < e2 and s2 < e1 for s1, e1 in self._intervals
-                       for s2, e2 in other._intervals)
-        mine, theirs = self.copy().bits(), other.copy().bits()
-        n = min(mine.numel(), theirs.numel())
-        return bool((mine[:n] & theirs[:n]).any())
-
-    def union(self, other: "RowSet") -> "RowSet":
-        if self._bits is None and other._bits is None:
-            return RowSet(_merge_intervals(self._intervals + other._intervals))
-        out = self.copy()
-        theirs = other.copy().bits()
-        out.bits(theirs.numel())[: theirs.numel()] |= theirs
-        return out
-
-
-def _merge_intervals(intervals: List[List[int]]) -> List[List[int]]:
-    merged: List[List[int]] = []
-    for start, stop in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], stop)
-        else:
-            merged.append([start, stop])
-    return merged
+    @staticmethod
+    def mergeable(a: "Representation", b: "Representation", what: str = "merge") -> None:
+        SketchSpec.comparable(a, b, what)
+        if a.options != b.options:
+            differ = sorted(k for k in a.options if a.options[k] != b.options.get(k))
+            raise ValueError(f"cannot {what} representations with different options {differ}: "
+                             f"{a.options} vs {b.options}")
+        for key in COMPARED_META:
+            if a.meta.get(key) != b.meta.get(key):
+                raise ValueError(f"cannot {what} representations with different {key}: "
+                                 f"{a.meta.get(key)!r} vs {b.meta.get(key)!r}")
+        if a.layers and b.layers and list(a.layers) != list(b.layers):
+            raise ValueError(f"cannot {what} representations of different layers: "
+                             f"{list(a.layers)} vs {list(b.layers)}")
+        for name in set(a.layers) & set(b.layers):
+            if a.layers[name].structure() != b.layers[name].structure():
+                raise ValueError(f"cannot {what}: layer {name!r} has widths "
+                                 f"{a.layers[name].dims} here and {b.layers[name].dims} there")
+        if a.row_keys and b.row_keys and a.row_keys != b.row_keys:
+            raise ValueError(f"cannot {what} a stream-numbered with an index-numbered "
+                             "representation")
 
 
 class Representation:
     """Sketched per-layer representation of one model on one dataset.
 
-    Build it with :func:`nnsim_fast.sketch_model` (or ``Representation.empty``
-    followed by ``update``).  Two representations are comparable when they
-    share ``m``, ``seed`` and ``sparsity``; the datasets may differ in size.
+    Build it with :func:`nnsim_fast.sketch_model`, or with ``Representation(m,
+    seed)`` (alias :meth:`empty`) followed by :meth:`update`.  Two
+    representations are comparable when they share ``m``, ``seed`` and
+    ``sparsity``; the datasets may differ in content and size.
+
+    Options (fixed at construction, shared by merged representations):
+      gradients: keep gradient statistics (False: features only; only
+        ``kind="feature"`` is then available).
+      psi: keep the two TensorSketch halves of ``psi = g (x) f`` that the
+        default estimator of ``kind="hadamard"`` uses (width ``psi_dim`` each,
+        or ``df * dg`` when that is smaller); needs ``gradients``.
+      product: keep the sketch of ``f o g`` (``kind="khatri_rao"``).
+      mean_embedding: keep the exact ``sum_i g_i f_i^T`` (``df * dg`` floats
+        per layer) for :func:`nnsim_fast.mean_embedding_norm`.
     """
 
     def __init__(self, m: int, seed: int, sparsity: int = 1, *, beta: Optional[float] = None,
-                 dtype: torch.dtype = torch.float32, device=None,
-                 meta: Optional[Dict] = None) -> None:
+                 dtype: torch.dtype = torch.float32, device=None, gradients: bool = True,
+                 psi: bool = True, psi_dim: Optional[int] = None, product: bool = False,
+                 mean_embedding: bool = False, meta: Optional[Dict] = None) -> None:
         m, seed, _, sparsity = ops._check_sketch_args(m, seed, 0, sparsity)
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        gradients = check_bool(gradients, "gradients")
+        psi_on = check_bool(psi, "psi") and gradients
+        dim = psi_sketch.DEFAULT_PSI_DIM if psi_dim is None else check_int(psi_dim, "psi_dim", 1, 1 << 24)
         self.m, self.seed, self.sparsity = m, seed, sparsity
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.layers: Dict[str, LayerSketch] = {}
+        self.options = {"gradients": gradients, "psi_dim": dim if psi_on else 0,
+                        "product": check_bool(product, "product") and gradients,
+                        "mean_embedding": check_bool(mean_embedding, "mean_embedding") and gradients}
+        if (product or mean_embedding) and not gradients:
+            raise ValueError("product and mean_embedding need gradients=True")
+        self.layers: Dict[str, LayerStats] = {}
         self.n = 0
         self.rows = RowSet()
         self.row_keys: Optional[str] = None      # "stream" or "index", fixed by the first update
         self.sketch_ones = torch.zeros(m, 1, dtype=torch.float64, device=self.device)
-        self.meta: Dict = {"beta": beta}
+        self.meta: Dict = {"beta": None if beta is None else check_float(beta, "beta")}
         if meta:
-            self.meta.update(meta)
+            self.meta.update(json.loads(json.dumps(meta, default=_json_scalar)))
+        self._broken: Optional[str] = None
 
-    # ------------------------------------------------------------------ building
+    @classmethod
+    def empty(cls, m: int, seed: int, sparsity: int = 1, **options) -> "Representation":
+        """An empty representation (same arguments as the constructor), to fill with :meth:`update`."""
+        return cls(m, seed, sparsity, **options)
+
+    # ------------------------------------------------------------------ views
     @property
     def row_intervals(self) -> List[List[int]]:
         """The rows held, as sorted ``[start, stop)`` intervals of global row indices."""
@@ -206,319 +141,13 @@ class Representation:
     def layer_names(self) -> List[str]:
         return list(self.layers)
 
-    def _new_layer(self, name: str, f: torch.Tensor, g: torch.Tensor, product: bool,
-                   mean_embedding: bool, feature_shape: Tuple[int, ...],
-                   psi_width: int = 0) -> LayerSketch:
-        df, dg = f.shape[1], g.shape[1]
-        zeros = lambda *shape, dtype=self.dtype: torch.zeros(*shape, dtype=dtype,  # noqa: E731
-                                                              device=self.device)
-        layer = LayerSketch(
-            sketch_f=zeros(self.m, df), sketch_g=zeros(self.m, dg),
-            sum_f=zeros(df, dtype=torch.float64), sum_g=zeros(dg, dtype=torch.float64),
-            trace=zeros((), dtype=torch.float64), feature_shape=tuple(feature_shape))
-        if product:
-            if df != dg:
-                raise ValueError(f"layer {name!r}: the product sketch needs features and "
-                                 f"gradients of one width, got {df} and {dg}")
-            layer.sketch_fg = zeros(self.m, df)
-            layer.sum_fg = zeros(df, dtype=torch.float64)
-        if mean_embedding:
-            layer.mean_psi = zeros(dg, df, dtype=torch.float64)
-        if psi_width:
-            layer.sketch_psi = zeros(self.m, psi_width)
-            layer.sum_psi = zeros(psi_width, dtype=torch.float64)
-        return layer
+    @property
+    def stats(self) -> List[Stat]:
+        return enabled_stats(self.options)
 
-    def update(self, features: Mapping[str, torch.Tensor], gradients: Mapping[str, torch.Tensor],
-               *, rows: Optional[torch.Tensor] = None, product: bool = False,
-               mean_embedding: bool = False, psi: bool = False,
-               psi_budget: Optional[int] = None, psi_dim: Optional[int] = None,
-               feature_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None,
-               label: str = "") -> None:
-        """Add one batch: ``features[name]`` and ``gradients[name]`` are ``[B, d]`` matrices.
-
-        ``product``, ``mean_embedding`` and ``psi`` add the optional statistics
-        of :class:`LayerSketch` (decided by the first batch of each layer); ``psi``
-        keeps ``S Psi`` exactly while ``m * df * dg <= psi_budget`` and a
-        TensorSketch of width ``psi_dim`` otherwise (see :mod:`nnsim_fast.psi`).
-
-        Non-finite values raise ``FloatingPointError`` naming the layer (and
-        ``label``, e.g. the batch) and leave the representation unchanged.
-
-        Rows are numbered in stream order (``rows=None``: this batch follows the
-        rows already seen) or by dataset index (``rows``: int64 ``[B]``).  One
-        representation uses one numbering throughout.
-        """
-        if psi_budget is not None:
-            ops._check_int(psi_budget, "psi_budget", 0, 1 << 62)
-        if psi_dim is not None:
-            ops._check_int(psi_dim, "psi_dim", 1, 1 << 30)
-        if set(features) != set(gradients):
-            raise ValueError(f"features and gradients must name the same layers, got "
-                             f"{sorted(features)} and {sorted(gradients)}")
-        if not features:
-            raise ValueError("update needs at least one layer")
-        batch = next(iter(features.values())).shape[0]
-        keys = "stream" if rows is None else "index"
-        if self.row_keys is not None and keys != self.row_keys:
-            raise ValueError(f"this representation numbers rows by {self.row_keys}; a batch "
-                             f"{'without' if rows is None else 'with'} dataset indices cannot "
-                             "be mixed in")
-        if rows is not None:
-            if rows.dim() != 1 or rows.shape[0] != batch:
-                raise ValueError(f"rows must be a 1-D tensor of length {batch}, got shape "
-                                 f"{tuple(rows.shape)}")
-            if rows.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-                raise TypeError(f"rows must be an integer tensor of dataset indices, got {rows.dtype}")
-            rows = rows.to(self.device, torch.int64)
-            if rows.numel() and bool((rows < 0).any()):
-                raise ValueError("rows must be non-negative dataset indices")
-            self.rows.check_new(rows)
-            offset = 0
-        else:
-            offset = self.n
-        if self.layers and set(features) != set(self.layers):
-            raise ValueError(f"batch layers {sorted(features)} differ from the representation's "
-                             f"{sorted(self.layers)}")
-        # Pass 1: check every layer and reduce the batch before anything is added,
-        # so a bad batch leaves the representation unchanged.
-        prepared = {}
-        for name in features:
-            f, g = features[name], gradients[name]
-            if f.dim() != 2 or g.dim() != 2 or f.shape[0] != batch or g.shape[0] != batch:
-                raise ValueError(f"layer {name!r}: features and gradients must be [B, d] with "
-                                 f"B={batch}, got {tuple(f.shape)} and {tuple(g.shape)}")
-            if name in self.layers:
-                layer = self.layers[name]
-                if layer.sketch_f.shape[1] != f.shape[1] or layer.sketch_g.shape[1] != g.shape[1]:
-                    raise ValueError(f"layer {name!r}: width changed from "
-                                     f"({layer.sketch_f.shape[1]}, {layer.sketch_g.shape[1]}) to "
-                                     f"({f.shape[1]}, {g.shape[1]})")
-            f = f.to(self.device)
-            g = g.to(self.device)
-            # Batch reductions in the data's precision (float32 for 16-bit data),
-            # accumulated across batches in float64.  A non-finite value anywhere
-            # makes its column sum non-finite, so the sums double as the check.
-            work = torch.float64 if f.dtype == torch.float64 else torch.float32
-            fw, gw = f.to(work), g.to(work)
-            sum_f, sum_g = fw.sum(0), gw.sum(0)
-            for what, total in (("features", sum_f), ("gradients", sum_g)):
-                if not bool(torch.isfinite(total).all()):
-                    where = f" in {label}" if label else ""
-                    raise FloatingPointError(f"non-finite {what} at layer {name!r}{where}")
-            trace = (fw.square().sum(1) * gw.square().sum(1)).sum(dtype=torch.float64)
-            prepared[name] = (f, g, sum_f.to(torch.float64), sum_g.to(torch.float64), trace)
-        # Pass 2: accumulate.
-        for name, (f, g, sum_f, sum_g, trace) in prepared.items():
-            if name not in self.layers:
-                shape = tuple(feature_shapes[name]) if feature_shapes and name in feature_shapes \
-                    else (f.shape[1],)
-                width = 0
-                if psi:
-                    from .psi import DEFAULT_PSI_BUDGET, DEFAULT_PSI_DIM, psi_width
-                    width = psi_width(f.shape[1], g.shape[1], self.m,
-                                      DEFAULT_PSI_BUDGET if psi_budget is None else psi_budget,
-                                      DEFAULT_PSI_DIM if psi_dim is None else psi_dim)
-                self.layers[name] = self._new_layer(name, f, g, product, mean_embedding, shape,
-                                                    width)
-            layer = self.layers[name]
-            ops.countsketch_pair_(layer.sketch_f, layer.sketch_g, f, g, self.seed, offset,
-                                  self.sparsity, rows=rows)
-            layer.sum_f += sum_f
-            layer.sum_g += sum_g
-            layer.trace += trace
-            if layer.sketch_fg is None and layer.mean_psi is None and layer.sketch_psi is None:
-                continue
-            f64, g64 = f.to(torch.float64), g.to(torch.float64)
-            if layer.sketch_fg is not None:
-                fg64 = f64 * g64
-                layer.sum_fg += fg64.sum(0)
-                ops.countsketch_(layer.sketch_fg, fg64.to(self.dtype), self.seed, offset,
-                                 self.sparsity, rows=rows)
-            if layer.mean_psi is not None:
-                layer.mean_psi += g64.T @ f64
-            if layer.sketch_psi is not None:
-                from .psi import psi_features, row_slices
-                width = layer.sketch_psi.shape[1]
-                for lo, hi in row_slices(batch, width):
-                    psi_rows = psi_features(f64[lo:hi], g64[lo:hi], width, self.seed)
-                    layer.sum_psi += psi_rows.sum(0)
-                    ops.countsketch_(layer.sketch_psi, psi_rows.to(self.dtype), self.seed,
-                                     offset + (lo if rows is None else 0), self.sparsity,
-                                     rows=None if rows is None else rows[lo:hi])
-        ones = torch.ones(batch, 1, dtype=torch.float64, device=self.device)
-        ops.countsketch_(self.sketch_ones, ones, self.seed, offset, self.sparsity, rows=rows)
-        self.row_keys = keys
-        if rows is None:
-            self.rows.add_range(self.n, self.n + batch)
-        else:
-            self.rows.add_rows(rows)
-        self.n += batch
-
-    # ------------------------------------------------------------------ combining
-    def _check_compatible(self, other: "Representation", what: str) -> None:
-        if not isinstance(other, Representation):
-            raise TypeError(f"{what} needs a Representation, got {type(other).__name__}")
-        for key in ("m", "seed", "sparsity"):
-            if getattr(self, key) != getattr(other, key):
-                raise ValueError(f"cannot {what} representations with different {key}: "
-                                 f"{getattr(self, key)} vs {getattr(other, key)}")
-
-    def merge(self, other: "Representation") -> "Representation":
-        """A new representation holding the rows of both (their row sets must be disjoint)."""
-        self._check_compatible(other, "merge")
-        if self.layers and other.layers and list(self.layers) != list(other.layers):
-            raise ValueError(f"cannot merge representations of different layers: "
-                             f"{list(self.layers)} vs {list(other.layers)}")
-        if self.row_keys and other.row_keys and self.row_keys != other.row_keys:
-            raise ValueError("cannot merge a stream-numbered with an index-numbered representation")
-        if self.rows.overlaps(other.rows):
-            raise ValueError("cannot merge representations whose rows overlap: each sample must "
-                             "be counted once (for stream-numbered batches, give the second "
-                             "run a distinct row offset or use dataset indices)")
-        for key in COMPARED_META:
-            if self.meta.get(key) != other.meta.get(key):
-                raise ValueError(f"cannot merge representations with different {key}: "
-                                 f"{self.meta.get(key)!r} vs {other.meta.get(key)!r}")
-        for name in set(self.layers) & set(other.layers):
-            mine, theirs = self.layers[name].tensors(), other.layers[name].tensors()
-            if set(mine) != set(theirs):
-                raise ValueError(f"cannot merge: layer {name!r} has statistics "
-                                 f"{sorted(mine)} here and {sorted(theirs)} there (sketch both "
-                                 "with the same product/mean_embedding/psi options)")
-        out = self.copy()
-        other = other.to(out.device)
-        for name, theirs in other.layers.items():
-            if name not in out.layers:
-                out.layers[name] = LayerSketch(**{**theirs.__dict__, **{
-                    k: v.clone() for k, v in theirs.tensors().items()}})
-                continue
-            mine = out.layers[name]
-            for key, value in theirs.tensors().items():
-                current = getattr(mine, key)
-                if current is None or current.shape != value.shape:
-                    raise ValueError(f"layer {name!r}: {key} differs between the representations "
-                                     f"({None if current is None else tuple(current.shape)} vs "
-                                     f"{tuple(value.shape)})")
-                current += value.to(current.dtype)
-        out.sketch_ones += other.sketch_ones
-        out.n += other.n
-        out.row_keys = out.row_keys or other.row_keys
-        out.rows = out.rows.union(other.rows)
-        return out
-
-    def copy(self) -> "Representation":
-        out = Representation(self.m, self.seed, self.sparsity, dtype=self.dtype,
-                             device=self.device, meta=dict(self.meta))
-        out.layers = {name: LayerSketch(**{**layer.__dict__, **{
-            k: v.clone() for k, v in layer.tensors().items()}}) for name, layer in self.layers.items()}
-        out.n, out.row_keys = self.n, self.row_keys
-        out.rows = self.rows.copy()
-        out.sketch_ones = self.sketch_ones.clone()
-        return out
-
-    def to(self, device) -> "Representation":
-        """A copy on ``device`` (self when it is already there)."""
-        device = torch.device(device)
-        if device == self.device:
-            return self
-        out = self.copy()
-        out.device = device
-        for layer in out.layers.values():
-            for key, value in layer.tensors().items():
-                setattr(layer, key, value.to(device))
-        out.sketch_ones = out.sketch_ones.to(device)
-        return out
-
-    def all_reduce(self, group=None) -> "Representation":
-        """Sum this representation over the ranks of a torch.distributed process group.
-
-        Every rank must have sketched the same layers with the same settings and
-        disjoint rows (for example shards of a ``DistributedSampler``); a rank
-        that saw no rows takes part with zeros.  After the call every rank holds
-        the same representation.  Returns ``self``.
-        """
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("all_reduce needs an initialised torch.distributed process group")
-        world = dist.get_world_size(group)
-        # Agree on the structure first, so a mismatch is an error rather than a hang.
-        rows_length = self.rows.bits().numel() if self.row_keys == "index" else 0
-        mine = {"m": self.m, "seed": self.seed, "sparsity": self.sparsity,
-                "layers": {k: {key: list(t.shape) for key, t in v.tensors().items()}
-                           for k, v in self.layers.items()},
-                "shapes": {k: list(v.feature_shape) for k, v in self.layers.items()},
-                "dtype": str(self.dtype), "beta": self.meta.get("beta"),
-                "row_keys": self.row_keys, "n": self.n, "rows_length": rows_length,
-                "intervals": self.rows.intervals if self.row_keys == "stream" else None}
-        gathered: List[Optional[Dict]] = [None] * world
-        dist.all_gather_object(gathered, mine, group=group)
-        active = [g for g in gathered if g["n"] > 0] or gathered
-        for key in ("m", "seed", "sparsity", "dtype", "beta", "layers"):
-            pool = gathered if key != "layers" else active
-            values = [g[key] for g in pool]
-            if any(v != values[0] for v in values):
-                raise ValueError(f"ranks disagree on {key}: {values}")
-        keys = {g["row_keys"] for g in active if g["row_keys"]}
-        if len(keys) > 1:
-            raise ValueError("ranks mix stream-numbered and index-numbered rows")
-        row_keys = keys.pop() if keys else None
-        if not self.layers and active[0]["layers"]:
-            self._adopt_layers(active[0]["layers"], active[0]["shapes"])
-        # Rows: stream intervals are small; index bitmaps are summed, so an index
-        # held by two ranks shows up as a count above one.
-        if row_keys == "index":
-            length = max(g["rows_length"] for g in gathered)
-            counts = torch.zeros(length, dtype=torch.int32)
-            if self.row_keys == "index":
-                bits = self.rows.bits(length)[:length]
-                counts += bits.to(torch.int32)
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
-            overlap = bool((counts > 1).any())
-            merged = RowSet()
-            merged.add_rows(torch.nonzero(counts).flatten())
-        else:
-            merged, overlap = RowSet(), False
-            for g in gathered:
-                theirs = RowSet(g["intervals"] or [])
-                overlap = overlap or merged.overlaps(theirs)
-                merged = merged.union(theirs)
-        if overlap:
-            raise ValueError("ranks sketched overlapping rows; each sample must be counted "
-                             "once (key rows by dataset index, e.g. with a DistributedSampler "
-                             "or IndexedDataset, so repeats can be dropped)")
-        tensors = [self.sketch_ones]
-        for layer in self.layers.values():
-            tensors.extend(layer.tensors().values())
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-        self.n = sum(g["n"] for g in gathered)
-        self.rows = merged
-        self.row_keys = row_keys
-        return self
-
-    def _adopt_layers(self, layers: Dict[str, Dict[str, List[int]]],
-                      shapes: Dict[str, List[int]]) -> None:
-        """Zero statistics with the given structure (a rank that saw no rows)."""
-        for name, tensors in layers.items():
-            fields = {}
-            for key, shape in tensors.items():
-                exact = key.startswith("sum_") or key in ("trace", "mean_psi")
-                fields[key] = torch.zeros(shape, device=self.device,
-                                          dtype=torch.float64 if exact else self.dtype)
-            self.layers[name] = LayerSketch(feature_shape=tuple(shapes.get(name, ())), **fields)
-
-    # ------------------------------------------------------------------ kernels
-    def kernel(self, layer: str, kind: str = "hadamard", centering: str = "none") -> torch.Tensor:
-        """The ``m x m`` sketched kernel of one layer, float64 (see :mod:`nnsim_fast.kernels`)."""
-        from .kernels import representation_kernels
-        return representation_kernels(self, [layer], kind=kind, centering=centering)[0]
-
-    def kernels(self, layers: Optional[Sequence[str]] = None, kind: str = "hadamard",
-                centering: str = "none") -> torch.Tensor:
-        """Kernels of many layers at once, ``[L, m, m]`` float64."""
-        from .kernels import representation_kernels
-        return representation_kernels(self, self._resolve(layers), kind=kind, centering=centering)
+    def _usable(self) -> None:
+        if self._broken:
+            raise RuntimeError(f"this representation is unusable: {self._broken}")
 
     def _resolve(self, layers: Optional[Union[str, Sequence[str]]]) -> List[str]:
         if layers is None:
@@ -531,129 +160,344 @@ class Representation:
                            f"{self.layer_names}")
         return list(layers)
 
-    def layer(self, name: str) -> LayerSketch:
+    def layer(self, name: str) -> LayerStats:
         return self.layers[self._resolve([name])[0]]
+
+    # ------------------------------------------------------------------ building
+    def update(self, features: Mapping[str, torch.Tensor],
+               gradients: Optional[Mapping[str, torch.Tensor]] = None, *,
+               rows: Optional[torch.Tensor] = None,
+               feature_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None,
+               label: str = "") -> None:
+        """Add one batch: ``features[name]`` (and ``gradients[name]``) are ``[B, d]`` matrices.
+
+        Rows are numbered in stream order (``rows=None``: this batch follows the
+        rows already seen) or by dataset index (``rows``: integer ``[B]``); one
+        representation uses one numbering throughout.
+
+        Every check runs before anything is added: a bad batch (wrong layers or
+        widths, non-finite values, values too large for the accumulators,
+        repeated rows) raises with the layer (and ``label``, e.g. the batch)
+        named and leaves the representation unchanged.  If accumulation itself
+        is interrupted (out of memory, KeyboardInterrupt), the representation
+        is marked unusable and says so on its next use.
+        """
+        self._usable()
+        batch, rows = self._check_batch(features, gradients, rows)
+        if batch == 0:
+            return
+        offset = 0 if rows is not None else self.n
+        staged = {name: self._stage_layer(name, features[name],
+                                          None if gradients is None else gradients[name], label)
+                  for name in features}
+        new = {name: self._new_layer(name, stage, feature_shapes) for name, stage in staged.items()
+               if name not in self.layers}
+        try:
+            self._commit(staged, new, batch, offset, rows)
+        except BaseException as error:
+            self._broken = (f"a batch was interrupted while it was being added ({error!r}); "
+                            "rebuild it or load the last saved copy")
+            raise
+
+    def _check_batch(self, features, gradients, rows) -> Tuple[int, Optional[torch.Tensor]]:
+        if not isinstance(features, Mapping) or not features:
+            raise ValueError("update needs at least one layer: features must be a non-empty mapping "
+                             "of layer name -> [B, d] tensor")
+        if self.options["gradients"] != (gradients is not None):
+            raise ValueError("this representation keeps gradients; pass gradients= as well"
+                             if gradients is None else "this representation was built with "
+                             "gradients=False; pass features only")
+        if gradients is not None and set(features) != set(gradients):
+            raise ValueError(f"features and gradients must name the same layers, got "
+                             f"{sorted(features)} and {sorted(gradients)}")
+        if self.layers and set(features) != set(self.layers):
+            raise ValueError(f"batch layers {sorted(features)} differ from the representation's "
+                             f"{sorted(self.layers)}")
+        first = next(iter(features.values()))
+        if not isinstance(first, torch.Tensor):
+            raise TypeError(f"features must hold tensors, got {type(first).__name__}")
+        batch = first.shape[0] if first.dim() else -1
+        for name in features:
+            self._check_layer_shapes(name, features[name],
+                                     None if gradients is None else gradients[name], batch)
+        keys = "stream" if rows is None else "index"
+        if self.row_keys is not None and keys != self.row_keys:
+            raise ValueError(f"this representation numbers rows by {self.row_keys}; a batch "
+                             f"{'without' if rows is None else 'with'} dataset indices cannot "
+                             "be mixed in")
+        if rows is not None:
+            rows = self._check_rows(rows, batch)
+        elif self.n + batch > _MAX_ROW:
+            raise ValueError("the stream exceeds the int64 row range")
+        return batch, rows
+
+    def _check_layer_shapes(self, name: str, f, g, batch: int) -> None:
+        for what, t in (("features", f), ("gradients", g)):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise TypeError(f"layer {name!r}: {what} must be a floating tensor, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)}")
+            if t.dim() != 2 or t.shape[0] != batch:
+                raise ValueError(f"layer {name!r}: features and gradients must be [B, d] with "
+                                 f"B={batch}, got {tuple(t.shape)}")
+        if self.options["product"] and g is not None and f.shape[1] != g.shape[1]:
+            raise ValueError(f"layer {name!r}: the product sketch needs features and gradients "
+                             f"of one width, got {f.shape[1]} and {g.shape[1]}")
+        if name in self.layers:
+            dims = self.layers[name].dims
+            have = (dims["df"], dims["dg"]) if g is not None else (dims["df"],)
+            got = (f.shape[1], g.shape[1]) if g is not None else (f.shape[1],)
+            if have != got:
+                raise ValueError(f"layer {name!r}: width changed from {have} to {got}; every "
+                                 "batch must give a layer the same width (pad or pool "
+                                 "variable-length outputs to a fixed size)")
+
+    def _check_rows(self, rows, batch: int) -> torch.Tensor:
+        if not isinstance(rows, torch.Tensor):
+            raise TypeError(f"rows must be a tensor of dataset indices, got {type(rows).__name__}")
+        if rows.dim() != 1 or rows.shape[0] != batch:
+            raise ValueError(f"rows must be a 1-D tensor of length {batch}, got shape "
+                             f"{tuple(rows.shape)}")
+        if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+            raise TypeError(f"rows must be an integer tensor of dataset indices, got {rows.dtype}")
+        rows = rows.to(self.device, torch.int64)
+        if rows.numel() and (bool((rows < 0).any()) or int(rows.max()) > _MAX_ROW):
+            raise ValueError(f"rows must be non-negative dataset indices, at most {_MAX_ROW}")
+        self.rows.check_new(rows)
+        return rows
+
+    def _stage_layer(self, name: str, f: torch.Tensor, g: Optional[torch.Tensor], label: str):
+        """Everything one layer adds, computed (and checked) before anything is added."""
+        f = f.detach().to(self.device)
+        g = None if g is None else g.detach().to(self.device)
+        where = f" in {label}" if label else ""
+        limit = torch.finfo(self.dtype).max
+        for what, t in (("features", f), ("gradients", g)):
+            if t is None or t.numel() == 0:
+                continue
+            peak = float(t.abs().amax().to(torch.float64))
+            if not math.isfinite(peak):
+                raise FloatingPointError(f"non-finite {what} at layer {name!r}{where}")
+            if peak * t.shape[0] > limit / 4:
+                raise FloatingPointError(
+                    f"{what} at layer {name!r}{where} reach {peak:.3g}, too large for "
+                    f"{str(self.dtype).replace('torch.', '')} accumulators; sketch with "
+                    "dtype=torch.float64 or rescale the model's outputs")
+        width = self._psi_width(name, f, g)
+        psi_rows = None
+        if width:
+            psi_rows = tuple(psi_sketch.tensor_sketch(f, g, width, self.seed, half) for half in (0, 1))
+        names = [s.name for s in self.stats]
+        exact, scattered = batch_terms(f, g, psi_rows, names)
+        for key, value in exact.items():
+            if not bool(torch.isfinite(value).all()):
+                raise FloatingPointError(f"layer {name!r}{where}: {key} overflows float64")
+        return {"f": f, "g": g, "exact": exact, "scattered": scattered}
+
+    def _psi_width(self, name: str, f, g) -> int:
+        if not self.options["psi_dim"] or g is None:
+            return 0
+        if name in self.layers:
+            return self.layers[name].dims["w"]
+        return psi_sketch.psi_half_width(f.shape[1], g.shape[1], self.options["psi_dim"])
+
+    def _new_layer(self, name: str, stage, feature_shapes) -> LayerStats:
+        f, g = stage["f"], stage["g"]
+        dims = {"m": self.m, "df": f.shape[1], "dg": 0 if g is None else g.shape[1],
+                "w": 0 if g is None else self._psi_width(name, f, g)}
+        shape = tuple(feature_shapes[name]) if feature_shapes and name in feature_shapes \
+            else (f.shape[1],)
+        return LayerStats.zeros(self.stats, dims, self.dtype, self.device, shape)
+
+    def _commit(self, staged, new, batch: int, offset: int, rows) -> None:
+        self.layers.update(new)
+        for name, stage in staged.items():
+            layer = self.layers[name]
+            self._scatter(layer, stage["scattered"], offset, rows)
+            for key, value in stage["exact"].items():
+                layer.values[key] += value
+        ones = torch.ones(batch, 1, dtype=torch.float64, device=self.device)
+        ops.countsketch_(self.sketch_ones, ones, self.seed, offset, self.sparsity, rows=rows)
+        self.row_keys = "stream" if rows is None else "index"
+        if rows is None:
+            self.rows.add_range(self.n, self.n + batch)
+        else:
+            self.rows.add_rows(rows)
+        self.n += batch
+
+    def _scatter(self, layer: LayerStats, scattered, offset: int, rows) -> None:
+        values = layer.values
+        args = dict(seed=self.seed, offset=offset, sparsity=self.sparsity, rows=rows)
+        if "sketch_g" in scattered:
+            ops.countsketch_pair_(values["sketch_f"], values["sketch_g"], scattered["sketch_f"],
+                                  scattered["sketch_g"], **args)
+        else:
+            ops.countsketch_(values["sketch_f"], scattered["sketch_f"], **args)
+        if "sketch_psi" in scattered:
+            half_a, half_b = scattered["sketch_psi"]
+            acc = values["sketch_psi"]
+            ops.countsketch_pair_(acc[0], acc[1], half_a.to(self.dtype), half_b.to(self.dtype),
+                                  **args)
+        if "sketch_fg" in scattered:
+            ops.countsketch_(values["sketch_fg"], scattered["sketch_fg"].to(self.dtype), **args)
+        diag_keys = [k for k in scattered if k.startswith("sketch_sqnorm_")]
+        if diag_keys:
+            columns = torch.stack([scattered[k] for k in diag_keys], dim=1)
+            sketched = ops.countsketch(columns, self.m, **args)
+            for j, key in enumerate(diag_keys):
+                values[key] += sketched[:, j]
+
+    # ------------------------------------------------------------------ combining
+    def merge(self, other: "Representation") -> "Representation":
+        """A new representation holding the rows of both (their row sets must be disjoint)."""
+        SketchSpec.mergeable(self, other)
+        self._usable()
+        other._usable()
+        if self.rows.overlaps(other.rows):
+            raise ValueError("cannot merge representations whose rows overlap: each sample must "
+                             "be counted once (for stream-numbered batches, give the second "
+                             "run a distinct row offset or use dataset indices)")
+        out = self.copy()
+        other = other.to(out.device)
+        for name, theirs in other.layers.items():
+            if name not in out.layers:
+                out.layers[name] = theirs.map(torch.clone)
+                continue
+            for key, value in theirs.values.items():
+                out.layers[name].values[key] += value.to(out.layers[name].values[key].dtype)
+        out.sketch_ones += other.sketch_ones
+        out.n += other.n
+        out.row_keys = out.row_keys or other.row_keys
+        out.rows = out.rows.union(other.rows)
+        return out
+
+    def copy(self) -> "Representation":
+        self._usable()
+        out = Representation.__new__(Representation)
+        out.__dict__.update(self.__dict__)
+        out.options, out.meta = dict(self.options), json.loads(json.dumps(self.meta))
+        out.layers = {name: layer.map(torch.clone) for name, layer in self.layers.items()}
+        out.rows = self.rows.copy()
+        out.sketch_ones = self.sketch_ones.clone()
+        return out
+
+    def to(self, device) -> "Representation":
+        """A copy on ``device`` (self when it is already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        out = self.copy()
+        out.device = device
+        out.layers = {name: layer.map(lambda t: t.to(device)) for name, layer in out.layers.items()}
+        out.sketch_ones = out.sketch_ones.to(device)
+        return out
+
+    def all_reduce(self, group=None) -> "Representation":
+        """Sum this representation over the ranks of a torch.distributed process group.
+
+        Every rank must have sketched the same layers with the same settings and
+        disjoint rows (for example shards of a ``DistributedSampler``); a rank
+        that saw no rows takes part with zeros.  Structures are compared first,
+        on every rank, so a mismatch raises the same error everywhere instead of
+        hanging or aborting.  After the call every rank holds the same
+        representation.  Returns ``self``.
+        """
+        from . import _distributed
+        _distributed.all_reduce(self, group)
+        return self
+
+    # ------------------------------------------------------------------ kernels
+    def kernel(self, layer: str, kind: str = "hadamard", centering: str = "none") -> torch.Tensor:
+        """The ``m x m`` sketched kernel of one layer, float64 (see :mod:`nnsim_fast.kernels`)."""
+        return self.kernels([layer], kind=kind, centering=centering)[0]
+
+    def kernels(self, layers: Optional[Sequence[str]] = None, kind: str = "hadamard",
+                centering: str = "none") -> torch.Tensor:
+        """Kernels of many layers at once, ``[L, m, m]`` float64."""
+        from . import kernels
+        self._usable()
+        if self.n == 0:
+            raise ValueError("the representation is empty (no rows sketched yet)")
+        names = self._resolve(layers)
+        return kernels.sketched_kernels([self.layers[n].values for n in names],
+                                        self.sketch_ones, self.n, kind=kind, centering=centering)
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> Tuple[Dict[str, torch.Tensor], Dict]:
-        tensors = {"sketch_ones": self.sketch_ones.contiguous()}
+        """``(tensors, metadata)``: everything needed to rebuild this representation."""
+        self._usable()
+        tensors = {"sketch_ones": self.sketch_ones}
         layer_meta = {}
         for i, (name, layer) in enumerate(self.layers.items()):
-            for key, value in layer.tensors().items():
-                tensors[f"layer{i}.{key}"] = value.contiguous()
-            layer_meta[name] = {"index": i, "feature_shape": list(layer.feature_shape)}
+            for key, value in layer.values.items():
+                tensors[f"layer{i}.{key}"] = value
+            layer_meta[name] = {"index": i, "feature_shape": list(layer.feature_shape),
+                                "dims": dict(layer.dims)}
         meta = {"format": FORMAT_VERSION, "library_version": _library_version(),
                 "m": self.m, "seed": self.seed, "sparsity": self.sparsity, "n": self.n,
-                "dtype": str(self.dtype).replace("torch.", ""), "row_keys": self.row_keys,
-                "row_intervals": self.rows.intervals, "layers": layer_meta, "meta": self.meta}
+                "dtype": str(self.dtype).replace("torch.", ""), "options": dict(self.options),
+                "row_keys": self.row_keys, "row_intervals": self.rows.intervals,
+                "layers": layer_meta, "meta": self.meta}
         return tensors, meta
 
-    def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write to ``path`` (safetensors; atomic: written beside it, then renamed)."""
-        from safetensors.torch import save_file
+    def save(self, path) -> None:
+        """Write to ``path`` (safetensors with a checksum per tensor).
+
+        Atomic: the data goes to a temporary file in the same directory, which
+        is fsync'ed and renamed over ``path``.  A crash leaves ``path`` as it
+        was (or absent) plus at most a hidden ``.<name>.<pid>.<random>.nnsim-partial``
+        file, which the next save into that directory removes.
+        """
         tensors, meta = self.state()
-        tensors = {k: v.detach().to("cpu") for k, v in tensors.items()}
-        path = os.fspath(path)
-        # A fixed temporary name: a save interrupted by a crash leaves at most this
-        # one file behind, and the next save replaces it.
-        tmp = path + ".partial"
-        try:
-            save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta)})
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)   # as a plain open() would have created it
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        meta["checksums"] = {k: storage.digest(v) for k, v in tensors.items()}
+        storage.write_tensors(path, tensors, {_META_KEY: json.dumps(meta)})
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike], device=None) -> "Representation":
-        """Read a file written by :meth:`save` (no pickle is ever executed)."""
-        from safetensors import SafetensorError, safe_open
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no representation file at {path!r}")
+    def load(cls, path, device=None) -> "Representation":
+        """Read a file written by :meth:`save`; every field and checksum is validated."""
+        from . import _fileformat
+        tensors, header = storage.read_tensors(path, "nnsim_fast representation file")
+        meta = _fileformat.parse_metadata(header, path, FORMAT_VERSION, _META_KEY)
         try:
-            with safe_open(path, framework="pt", device="cpu") as handle:
-                header = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except (SafetensorError, OSError, ValueError) as error:
-            raise ValueError(f"{path!r} is not a nnsim_fast representation file: {error}") from None
-        if _META_KEY not in header:
-            raise ValueError(f"{path!r} is a safetensors file but not a nnsim_fast representation")
-        try:
-            meta = json.loads(header[_META_KEY])
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path!r}: corrupt representation metadata ({error})") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{path!r}: corrupt representation metadata (not a mapping)")
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path!r} has representation format {meta.get('format')}, this "
-                             f"nnsim_fast (version {_library_version()}) reads format "
-                             f"{FORMAT_VERSION}; re-sketch with this version")
-        try:
+            storage.verify_digests(tensors, meta.get("checksums") or {}, tensors)
             return cls.from_state(tensors, meta, device=device)
-        except (KeyError, TypeError, AttributeError) as error:
-            raise ValueError(f"{path!r}: corrupt representation ({error!r})") from None
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            raise ValueError(f"{str(path)!r}: corrupt representation: {error}") from None
 
     @classmethod
     def from_state(cls, tensors: Dict[str, torch.Tensor], meta: Dict, device=None
                    ) -> "Representation":
-        """Rebuild from :meth:`state`'s output, checking structure and shapes."""
-        def bad(why: str) -> ValueError:
-            return ValueError(f"corrupt representation: {why}")
-
-        if not isinstance(meta, dict):
-            raise bad(f"metadata is a {type(meta).__name__}, not a mapping")
-        required = ("m", "seed", "sparsity", "n", "dtype", "row_keys", "row_intervals", "layers")
-        missing = [key for key in required if key not in meta]
-        if missing:
-            raise bad(f"metadata lacks {missing}")
-        if meta["dtype"] not in ("float32", "float64"):
-            raise bad(f"accumulator dtype {meta['dtype']!r}")
-        if not isinstance(meta["layers"], dict):
-            raise bad("the layer table is not a mapping")
-        try:
-            rep = cls(meta["m"], meta["seed"], meta["sparsity"],
-                      dtype=getattr(torch, meta["dtype"]), device=device, meta=meta.get("meta"))
-        except (TypeError, ValueError) as error:
-            raise bad(str(error)) from None
-        m, dev = rep.m, rep.device
-        rep.n, rep.row_keys = int(meta["n"]), meta["row_keys"]
-        rep.rows = RowSet(meta["row_intervals"])
-        if "sketch_ones" not in tensors or tuple(tensors["sketch_ones"].shape) != (m, 1):
-            raise bad(f"sketch_ones missing or not of shape ({m}, 1)")
-        rep.sketch_ones = tensors["sketch_ones"].to(dev)
-        for name, info in sorted(meta["layers"].items(), key=lambda kv: kv[1]["index"]):
-            prefix = f"layer{info['index']}."
-            get = lambda key: tensors[prefix + key].to(dev) if prefix + key in tensors else None  # noqa: E731
-            layer = LayerSketch(
-                sketch_f=get("sketch_f"), sketch_g=get("sketch_g"), sum_f=get("sum_f"),
-                sum_g=get("sum_g"), trace=get("trace"), sketch_fg=get("sketch_fg"),
-                sum_fg=get("sum_fg"), sketch_psi=get("sketch_psi"), sum_psi=get("sum_psi"),
-                mean_psi=get("mean_psi"), feature_shape=tuple(info["feature_shape"]))
-            for key in ("sketch_f", "sketch_g", "sum_f", "sum_g", "trace"):
-                if getattr(layer, key) is None:
-                    raise bad(f"layer {name!r} lacks {key}")
-            df, dg = layer.sketch_f.shape[-1], layer.sketch_g.shape[-1]
-            expected = {"sketch_f": (m, df), "sketch_g": (m, dg), "sum_f": (df,), "sum_g": (dg,),
-                        "trace": (), "sketch_fg": (m, df), "sum_fg": (df,), "mean_psi": (dg, df)}
-            if layer.sketch_psi is not None:
-                expected["sketch_psi"] = (m, layer.sketch_psi.shape[-1])
-                expected["sum_psi"] = (layer.sketch_psi.shape[-1],)
-            for key, shape in expected.items():
-                value = getattr(layer, key)
-                if value is not None and tuple(value.shape) != shape:
-                    raise bad(f"layer {name!r}: {key} has shape {tuple(value.shape)}, "
-                              f"expected {shape}")
-            if (layer.sketch_fg is None) != (layer.sum_fg is None):
-                raise bad(f"layer {name!r}: sketch_fg and sum_fg must come together")
-            rep.layers[name] = layer
-        return rep
+        """Rebuild from :meth:`state`'s output, validating every field."""
+        from . import _fileformat
+        return _fileformat.rebuild(cls, tensors, meta, device)
 
     def __repr__(self) -> str:
-        dims = ", ".join(f"{k}: {v.sketch_f.shape[1]}" for k, v in self.layers.items())
+        dims = ", ".join(f"{k}: {v.dims['df']}" for k, v in self.layers.items())
         return (f"Representation(n={self.n}, m={self.m}, seed={self.seed}, "
                 f"sparsity={self.sparsity}, layers={{{dims}}})")
+
+
+def _json_scalar(value):
+    """numpy / torch scalars in metadata become plain numbers."""
+    item = getattr(value, "item", None)
+    if item is not None:
+        return item()
+    raise TypeError(f"metadata value of type {type(value).__name__} is not JSON serialisable")
+
+
+def zeros_like_structure(rep: Representation, structure: Mapping[str, Mapping]) -> None:
+    """Give an empty ``rep`` zero statistics with the given layer structure."""
+    stats = rep.stats
+    for name, info in structure.items():
+        dims = dict(info["dims"], m=rep.m)
+        rep.layers[name] = LayerStats.zeros(stats, dims, rep.dtype, rep.device,
+                                            tuple(info["feature_shape"]))
+
+
+def expected_shapes(stats: Sequence[Stat], dims: Mapping[str, int]) -> Dict[str, Tuple[int, ...]]:
+    return {s.name: stat_shape(s, dims) for s in stats}
+
+
+__all__ = ["Representation", "SketchSpec", "FORMAT_VERSION", "COMPARED_META", "STATS"]

@@ -82,21 +82,27 @@ JOB_SCRIPT = textwrap.dedent('''
 
 
     def kill_during_save(at_save):
-        """Make the at_save-th checkpoint write half a file, then die."""
-        import safetensors.torch
-        real = safetensors.torch.save_file
+        """Make the at_save-th checkpoint write die half way through its data."""
+        from nnsim_fast import storage
+        real = storage.write_tensors
         count = [0]
 
-        def dying_save(tensors, filename, metadata=None):
+        def dying_write(path, tensors, metadata):
             count[0] += 1
             if count[0] == at_save:
-                real(tensors, filename, metadata=metadata)
-                with open(filename, "r+b") as handle:
-                    handle.truncate(os.path.getsize(filename) // 2)
-                os.kill(os.getpid(), signal.SIGKILL)
-            real(tensors, filename, metadata=metadata)
+                real_bytes = storage._raw_bytes
+                written = [0]
 
-        safetensors.torch.save_file = dying_save
+                def die_on_second_tensor(tensor):
+                    written[0] += 1
+                    if written[0] == 2:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return real_bytes(tensor)
+
+                storage._raw_bytes = die_on_second_tensor
+            real(path, tensors, metadata)
+
+        storage.write_tensors = dying_write
 
 
     if __name__ == "__main__":
@@ -151,7 +157,7 @@ def assert_same(a: Representation, b: Representation, tol=TOL) -> None:
 
 def leftover_temporaries(directory: pathlib.Path) -> list:
     return sorted(p.name for p in directory.iterdir()
-                  if p.name.endswith(".tmp") or p.name.endswith(".partial"))
+                  if p.name.endswith((".tmp", "partial")))
 
 
 # --------------------------------------------------------------------------- crash and resume
@@ -190,9 +196,12 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(job, tmp_path):
     survivor = Representation.load(checkpoint)
     assert survivor.meta["progress"]["batches"] == 2
     assert_same(reference(job, max_batches=2), survivor)
+    # The dead writer's temporary file is still there until the next save removes it.
+    assert len(leftover_temporaries(tmp_path)) == 1
     rep = sketch_model(job.make_model(), job.make_loader(), checkpoint=checkpoint,
                        checkpoint_every=2, **job.SETTINGS)
     assert_same(reference(job), rep)
+    assert leftover_temporaries(tmp_path) == []
 
 
 def test_interrupted_shuffled_indexed_run_resumes(job, tmp_path):

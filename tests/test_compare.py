@@ -86,12 +86,12 @@ def random_data(n: int, seed: int, widths: Dict = WIDTHS):
 def make_rep(n: int = 40, seed: int = 0, m: int = 8, sketch_seed: int = 1, sparsity: int = 1,
              widths: Dict = WIDTHS, mean_embedding: bool = True):
     feats, grads = random_data(n, seed, widths)
-    rep = Representation(m, sketch_seed, sparsity, beta=0.5, dtype=torch.float64)
+    rep = Representation(m, sketch_seed, sparsity, beta=0.5, dtype=torch.float64,
+                         product=all(df == dg for df, dg in widths.values()),
+                         mean_embedding=mean_embedding)
     for start in range(0, n, 16):
         sl = slice(start, start + 16)
-        rep.update({k: v[sl] for k, v in feats.items()}, {k: v[sl] for k, v in grads.items()},
-                   product=all(df == dg for df, dg in widths.values()),
-                   mean_embedding=mean_embedding)
+        rep.update({k: v[sl] for k, v in feats.items()}, {k: v[sl] for k, v in grads.items()})
     return rep, feats, grads
 
 

@@ -37,13 +37,13 @@ def random_data(n: int, seed: int, widths: Dict = WIDTHS):
 
 def build(feats, grads, m=16, seed=3, sparsity=1, batch=5, rows=None, dtype=torch.float64,
           product=False, mean_embedding=False, beta=0.5, meta=None) -> Representation:
-    rep = Representation(m, seed, sparsity, beta=beta, dtype=dtype, meta=meta)
+    rep = Representation(m, seed, sparsity, beta=beta, dtype=dtype, meta=meta, product=product,
+                         mean_embedding=mean_embedding)
     n = next(iter(feats.values())).shape[0]
     for start in range(0, n, batch):
         sl = slice(start, start + batch)
         rep.update({k: v[sl] for k, v in feats.items()}, {k: v[sl] for k, v in grads.items()},
-                   rows=None if rows is None else rows[sl], product=product,
-                   mean_embedding=mean_embedding)
+                   rows=None if rows is None else rows[sl])
     return rep
 
 

@@ -1,0 +1,274 @@
+"""The per-layer statistics of a sketched representation, declared once.
+
+Every statistic a :class:`~nnsim_fast.sketch.Representation` keeps for a layer is
+one row of :data:`STATS`: its name, the option that switches it on, its shape
+(in symbolic dimensions), whether it is an exact float64 sum or a sketch in the
+accumulator dtype, and what it holds.  Allocation, copying, device moves,
+merging, all-reduce, saving, loading and file validation all loop over this
+table, so a new statistic is one new row here and one line in
+:func:`batch_terms`.
+
+Notation: ``S`` is the ``m x N`` sketch of the sample axis (see
+:mod:`nnsim_fast.ops`), ``F`` (``N x df``) and ``G`` (``N x dg``) the layer's
+features and expected gradients, ``psi_i = g_i (x) f_i`` the feature map of the
+paper's kernel ``K = K_f o K_g``, and ``T_h`` (``h = 0, 1``) two independent
+TensorSketches of ``psi`` (:mod:`nnsim_fast.psi`).  Sums run over the rows seen.
+Nothing here depends on N: memory is ``O(m * (df + dg + 2w))`` per layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["Stat", "STATS", "GROUPS", "LayerStats", "RowSet", "stat_shape", "enabled_stats",
+           "batch_terms"]
+
+#: Options that switch groups of statistics on (``features`` is always on).
+GROUPS = ("features", "gradients", "psi", "product", "mean_embedding")
+
+
+@dataclass(frozen=True)
+class Stat:
+    name: str
+    group: str                 # the option (GROUPS) that enables it
+    shape: Tuple[str, ...]     # symbolic: "m", "df", "dg", "w" (psi width), "h" (= 2 halves)
+    exact: bool                # float64 exact sum (True) or sketch in the accumulator dtype
+    doc: str
+
+
+STATS: Tuple[Stat, ...] = (
+    Stat("sketch_f", "features", ("m", "df"), False, "S F"),
+    Stat("sum_f", "features", ("df",), True, "sum_i f_i (data centring)"),
+    Stat("sqnorm_f", "features", (), True, "sum_i |f_i|^2 = Tr K_f"),
+    Stat("sketch_sqnorm_f", "features", ("m",), True, "S (|f_i|^2)_i (diagonal of K_f, sketched)"),
+    Stat("quartic_f", "features", (), True, "sum_i |f_i|^4 = sum_i K_f[i, i]^2"),
+    Stat("sketch_g", "gradients", ("m", "dg"), False, "S G"),
+    Stat("sum_g", "gradients", ("dg",), True, "sum_i g_i"),
+    Stat("sqnorm_g", "gradients", (), True, "sum_i |g_i|^2 = Tr K_g"),
+    Stat("sketch_sqnorm_g", "gradients", ("m",), True, "S (|g_i|^2)_i"),
+    Stat("quartic_g", "gradients", (), True, "sum_i |g_i|^4"),
+    Stat("trace", "gradients", (), True, "sum_i |f_i|^2 |g_i|^2 = Tr K, K = K_f o K_g"),
+    Stat("sketch_sqnorm_psi", "gradients", ("m",), True, "S (|f_i|^2 |g_i|^2)_i (diagonal of K)"),
+    Stat("quartic_psi", "gradients", (), True, "sum_i |f_i|^4 |g_i|^4 = sum_i K[i, i]^2"),
+    Stat("sketch_psi", "psi", ("h", "m", "w"), False, "S T_h(Psi), h = 0, 1"),
+    Stat("sum_psi", "psi", ("h", "w"), True, "sum_i T_h(psi_i)"),
+    Stat("sketch_fg", "product", ("m", "df"), False, "S (F o G)"),
+    Stat("sum_fg", "product", ("df",), True, "sum_i f_i o g_i"),
+    Stat("sqnorm_fg", "product", (), True, "sum_i |f_i o g_i|^2"),
+    Stat("sketch_sqnorm_fg", "product", ("m",), True, "S (|f_i o g_i|^2)_i"),
+    Stat("quartic_fg", "product", (), True, "sum_i |f_i o g_i|^4"),
+    Stat("mean_psi", "mean_embedding", ("dg", "df"), True, "sum_i g_i f_i^T (exact mean embedding)"),
+)
+_BY_NAME = {stat.name: stat for stat in STATS}
+
+
+def stat_shape(stat: Stat, dims: Mapping[str, int]) -> Tuple[int, ...]:
+    return tuple(2 if d == "h" else int(dims[d]) for d in stat.shape)
+
+
+def enabled_stats(options: Mapping[str, object]) -> List[Stat]:
+    """The statistics a representation with these options keeps, in table order."""
+    on = {"features": True, "gradients": bool(options.get("gradients")),
+          "psi": bool(options.get("gradients")) and bool(options.get("psi_dim")),
+          "product": bool(options.get("product")),
+          "mean_embedding": bool(options.get("mean_embedding"))}
+    return [stat for stat in STATS if on[stat.group]]
+
+
+class LayerStats:
+    """The statistics of one layer: ``layer.sketch_f`` etc. (None when not kept).
+
+    ``dims`` holds the layer's widths (``df``, ``dg``, ``w``); ``feature_shape``
+    the per-sample shape of the probed output.
+    """
+
+    __slots__ = ("values", "dims", "feature_shape")
+
+    def __init__(self, values: Dict[str, torch.Tensor], dims: Dict[str, int],
+                 feature_shape: Tuple[int, ...] = ()) -> None:
+        self.values = values
+        self.dims = dims
+        self.feature_shape = tuple(feature_shape)
+
+    @classmethod
+    def zeros(cls, stats: Sequence[Stat], dims: Mapping[str, int], dtype: torch.dtype, device,
+              feature_shape: Tuple[int, ...] = ()) -> "LayerStats":
+        values = {s.name: torch.zeros(stat_shape(s, dims), device=device,
+                                      dtype=torch.float64 if s.exact else dtype) for s in stats}
+        return cls(values, {k: int(v) for k, v in dims.items() if k != "m"}, feature_shape)
+
+    def __getattr__(self, name: str):
+        if name in _BY_NAME:
+            return self.values.get(name)
+        raise AttributeError(f"LayerStats has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _BY_NAME:
+            if value is None:
+                self.values.pop(name, None)
+            else:
+                self.values[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """The statistics kept, by name, in table order."""
+        return dict(self.values)
+
+    def map(self, fn) -> "LayerStats":
+        """A new LayerStats with ``fn(tensor)`` applied to every statistic."""
+        return LayerStats({k: fn(v) for k, v in self.values.items()}, dict(self.dims),
+                          self.feature_shape)
+
+    def structure(self) -> Dict[str, object]:
+        """What must agree for two layers' statistics to be summed."""
+        return {"dims": dict(self.dims), "stats": {k: list(v.shape) for k, v in self.values.items()},
+                "feature_shape": list(self.feature_shape)}
+
+
+# --------------------------------------------------------------------------- batches
+
+def batch_terms(f: torch.Tensor, g: Optional[torch.Tensor], psi_rows, names: Sequence[str]
+                ) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
+    """One batch's contribution to every statistic in ``names``.
+
+    Returns ``(exact, scattered)``: ``exact`` maps each exact sum to its batch
+    total (float64); ``scattered`` maps each sketched statistic to the per-row
+    values to scatter into it (``[B, d]`` in the data's dtype for the matrix
+    sketches, ``[B]`` float64 for the sketched diagonals, and a pair of
+    ``[B, w]`` float64 rows for ``sketch_psi``).  Norms are taken in float64, so
+    float32 data of any finite size gives finite traces.
+    """
+    wanted = set(names)
+    f64 = f.to(torch.float64)
+    rows: Dict[str, torch.Tensor] = {"f": f64}
+    norms = {"f": f64.square().sum(1)}
+    if g is not None:
+        g64 = g.to(torch.float64)
+        rows["g"] = g64
+        norms["g"] = g64.square().sum(1)
+        norms["psi"] = norms["f"] * norms["g"]
+        if "sketch_fg" in wanted:
+            rows["fg"] = f64 * g64
+            norms["fg"] = rows["fg"].square().sum(1)
+    exact: Dict[str, torch.Tensor] = {}
+    scattered: Dict[str, object] = {"sketch_f": f}
+    if g is not None:
+        scattered["sketch_g"] = g
+    for key, norm in norms.items():
+        if key in rows:
+            exact[f"sum_{key}"] = rows[key].sum(0)
+        exact["trace" if key == "psi" else f"sqnorm_{key}"] = norm.sum()
+        exact[f"quartic_{key}"] = norm.square().sum()
+        scattered[f"sketch_sqnorm_{key}"] = norm
+    if "sketch_fg" in wanted:
+        scattered["sketch_fg"] = rows["fg"]
+    if "mean_psi" in wanted:
+        exact["mean_psi"] = rows["g"].T @ f64
+    if "sketch_psi" in wanted:
+        exact["sum_psi"] = torch.stack([half.sum(0) for half in psi_rows])
+        scattered["sketch_psi"] = psi_rows
+    return ({k: v for k, v in exact.items() if k in wanted},
+            {k: v for k, v in scattered.items() if k in wanted})
+
+
+# --------------------------------------------------------------------------- row sets
+
+class RowSet:
+    """The set of non-negative global row indices a representation holds.
+
+    Kept as sorted, disjoint, non-adjacent ``[start, stop)`` intervals in two
+    int64 arrays, so memory is proportional to the number of runs of
+    consecutive rows (at most the rows seen), whatever the largest index is,
+    and checking or adding a batch costs a few vectorised passes.
+    """
+
+    __slots__ = ("starts", "stops")
+
+    def __init__(self, intervals: Optional[Sequence[Sequence[int]]] = None) -> None:
+        pairs = np.asarray(intervals if intervals else np.zeros((0, 2)), dtype=np.int64)
+        self.starts, self.stops = _merge(pairs[:, 0].copy(), pairs[:, 1].copy())
+
+    @classmethod
+    def _of(cls, starts: np.ndarray, stops: np.ndarray) -> "RowSet":
+        out = cls.__new__(cls)
+        out.starts, out.stops = starts, stops
+        return out
+
+    @property
+    def intervals(self) -> List[List[int]]:
+        return [[int(a), int(b)] for a, b in zip(self.starts, self.stops)]
+
+    def count(self) -> int:
+        return int((self.stops - self.starts).sum())
+
+    def copy(self) -> "RowSet":
+        return RowSet._of(self.starts.copy(), self.stops.copy())
+
+    def add_range(self, start: int, stop: int) -> None:
+        if stop <= start:
+            return
+        if len(self.stops) and self.stops[-1] == start:   # the common streaming case
+            self.stops[-1] = stop
+            return
+        self.starts, self.stops = _merge(np.append(self.starts, start), np.append(self.stops, stop))
+
+    def check_new(self, rows: torch.Tensor) -> None:
+        """Raise if ``rows`` repeats an index, within itself or with the set."""
+        r = np.sort(rows.detach().to("cpu", torch.int64).numpy())
+        if r.size == 0:
+            return
+        if bool((r[1:] == r[:-1]).any()):
+            raise ValueError("rows contains duplicate indices within one batch")
+        if self._contains_any(r):
+            raise ValueError("rows repeats dataset indices already sketched in this "
+                             "representation; each sample may be added once")
+
+    def _contains_any(self, sorted_rows: np.ndarray) -> bool:
+        if not len(self.starts):
+            return False
+        where = np.searchsorted(self.starts, sorted_rows, side="right") - 1
+        hit = where >= 0
+        return bool((sorted_rows[hit] < self.stops[where[hit]]).any())
+
+    def add_rows(self, rows: torch.Tensor) -> None:
+        r = np.unique(rows.detach().to("cpu", torch.int64).numpy())
+        if r.size == 0:
+            return
+        breaks = np.flatnonzero(r[1:] != r[:-1] + 1) + 1
+        starts = r[np.concatenate(([0], breaks))]
+        stops = r[np.concatenate((breaks - 1, [r.size - 1]))] + 1
+        self.starts, self.stops = _merge(np.concatenate((self.starts, starts)),
+                                         np.concatenate((self.stops, stops)))
+
+    def overlaps(self, other: "RowSet") -> bool:
+        both = self.union(other)
+        return both.count() < self.count() + other.count()
+
+    def union(self, other: "RowSet") -> "RowSet":
+        return RowSet._of(*_merge(np.concatenate((self.starts, other.starts)),
+                                  np.concatenate((self.stops, other.stops))))
+
+    def max_row(self) -> int:
+        return int(self.stops[-1]) - 1 if len(self.stops) else -1
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        return ((int(a), int(b)) for a, b in zip(self.starts, self.stops))
+
+
+def _merge(starts: np.ndarray, stops: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Sorted, merged (touching or overlapping intervals joined) copies of the intervals."""
+    keep = stops > starts
+    starts, stops = starts[keep].astype(np.int64), stops[keep].astype(np.int64)
+    if starts.size <= 1:
+        return starts, stops
+    order = np.argsort(starts, kind="stable")
+    starts, stops = starts[order], stops[order]
+    reach = np.maximum.accumulate(stops)
+    new = np.concatenate(([True], starts[1:] > reach[:-1]))
+    group_starts = starts[new]
+    group_ends = np.maximum.reduceat(stops, np.flatnonzero(new))
+    return group_starts, group_ends
