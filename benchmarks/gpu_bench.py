@@ -1,19 +1,25 @@
-"""GPU benchmark of the nnsim_fast CUDA ops, with baselines measured in the same run.
+"""GPU benchmark of the nnsim_fast CUDA ops against baselines measured in the same run.
 
-Measured (CUDA events, median of a few repetitions after a warm-up):
+``python benchmarks/gpu_bench.py [--out FILE] [--budget-s S] [--quick] [--sanitize]``
 
-* device copy bandwidth (a large ``copy_``; bytes read + bytes written) and
-  GEMM rate (large float32 and bfloat16 matmuls);
-* the fused CountSketch pair (atomic and deterministic paths) against
-  ``index_add_`` with the signs applied (run for f and for g), ``scatter_add_``,
-  a ``torch.sparse`` CSR matmul (with and without building S) and a dense +-1
-  GEMM, over n, d, m and dtype;
-* ``hadamard_gram`` (fused kernel and cuBLAS route) against ``torch.bmm`` + mul
-  and against the measured GEMM rate.
+Cases run in priority order; the issue's targets come first, extras only while
+the time budget lasts.  The JSON file is rewritten (atomically) after every
+case, so a run that is killed keeps every row it finished.  Sizes of the
+targets (float32 unless stated):
 
-The baselines get the buckets and signs precomputed (the fused kernel hashes
-on the fly), so their times are lower bounds.  ``--sanitize`` instead runs
-every op once on small inputs, for compute-sanitizer.
+* sketch: n = 4e6 rows, d = 512 columns of f and of g, m = 512 buckets.  The
+  fused pair (atomic path) against the device copy bandwidth, against the naive
+  path (sign multiply + ``index_add_`` for f and for g, buckets and signs
+  precomputed, so a lower bound), and the deterministic path against the
+  atomic one;
+* ``hadamard_gram`` at B = 8, m = 512 against ``torch.bmm`` + mul;
+* ``sketch_model`` on a ResNet-18-shaped network (CIFAR stem, 32x32 inputs)
+  against the forward + backward passes it rides on.
+
+Times are medians of CUDA-event timings after a warm-up (wall clock with a
+synchronisation for ``sketch_model``, which includes host work); every row
+states its sizes, bytes and ratios.  ``--sanitize`` instead runs every CUDA op
+once on small inputs, for compute-sanitizer.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -30,22 +37,23 @@ import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
+from torch import nn
 
-SKETCH_N = (100_000, 1_000_000, 4_000_000)
-SKETCH_D = (64, 512, 2048)
-SKETCH_M = (16, 128, 512, 4096)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-GRAM_CASES = [(b, m, d) for b in (1, 8) for m in (128, 512, 2048, 4096) for d in (64, 512)]
-DENSE_S_MAX_BYTES = 8 << 30
+TARGET_N, TARGET_D, TARGET_M = 4_000_000, 512, 512
+GRAM_BATCH, GRAM_M = 8, 512
+SEED = 7
+# Below this many seconds left, a case is not started (the shell stage has a
+# hard limit; what is done by then must already be on disk).
+CASE_RESERVE_S = 5.0
 
 
 # --------------------------------------------------------------------------- timing
 
-def time_cuda(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
-    """Median wall time of fn on the GPU in milliseconds (CUDA events)."""
+def time_cuda(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> Dict[str, object]:
+    """Median and every sample (ms) of fn timed with CUDA events on the current stream."""
     for _ in range(warmup):
         fn()
-    times = []
+    samples = []
     for _ in range(reps):
         start = torch.cuda.Event(enable_timing=True)
         stop = torch.cuda.Event(enable_timing=True)
@@ -53,347 +61,461 @@ def time_cuda(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
         fn()
         stop.record()
         stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+        samples.append(start.elapsed_time(stop))
+    return {"median_ms": statistics.median(samples), "samples_ms": [round(t, 4) for t in samples]}
 
 
-def reps_for(nbytes: int) -> int:
-    return 5 if nbytes < (1 << 30) else 3
+def time_wall(fn: Callable[[], object], reps: int = 3, warmup: int = 1) -> Dict[str, object]:
+    """Like time_cuda, with the host's clock: for work that includes host-side logic."""
+    for _ in range(warmup):
+        fn()
+        torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        samples.append(1e3 * (time.perf_counter() - start))
+    return {"median_ms": statistics.median(samples), "samples_ms": [round(t, 3) for t in samples]}
 
 
-def free_bytes() -> int:
-    torch.cuda.empty_cache()
-    return torch.cuda.mem_get_info()[0]
+def median_ms(row: Dict, name: str) -> Optional[float]:
+    entry = row.get("times", {}).get(name)
+    return entry["median_ms"] if entry else None
+
+
+def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+# --------------------------------------------------------------------------- results file
+
+class Results:
+    """The JSON document, rewritten after every case."""
+
+    def __init__(self, path: str, budget_s: float):
+        self.path = path
+        self.started = time.time()
+        self.deadline = self.started + budget_s
+        self.data: Dict[str, object] = {
+            "schema": 1, "status": "running", "machine": machine_info(),
+            "config": {"budget_s": budget_s, "target_sizes": {
+                "sketch": {"n": TARGET_N, "d": TARGET_D, "m": TARGET_M, "dtype": "float32"},
+                "gram": {"batch": GRAM_BATCH, "m": GRAM_M}}},
+            "copy": None, "rows": [], "targets": {}, "skipped": [], "errors": [],
+        }
+
+    def left_s(self) -> float:
+        return self.deadline - time.time()
+
+    def save(self) -> None:
+        self.data["elapsed_s"] = round(time.time() - self.started, 1)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        scratch = self.path + ".part"
+        with open(scratch, "w") as handle:
+            json.dump(self.data, handle, indent=1, default=str)
+        os.replace(scratch, self.path)   # a kill mid-write leaves the previous version
+
+    def run_case(self, name: str, case: Callable[[], Optional[Dict]]) -> Optional[Dict]:
+        """Runs one case unless the budget is spent; stores its row or its error; saves."""
+        if self.left_s() < CASE_RESERVE_S:
+            self.data["skipped"].append({"case": name, "reason": "time budget spent"})
+            print(f"gpu_bench: skip {name} (time budget spent)", flush=True)
+            self.save()
+            return None
+        started = time.time()
+        print(f"gpu_bench: {name} ...", flush=True)
+        row = None
+        try:
+            row = case()
+            if row is not None:
+                row.setdefault("case", name)
+                row["seconds"] = round(time.time() - started, 2)
+                self.data["rows"].append(row)
+        except Exception as error:  # one failed case must not end the run
+            self.data["errors"].append({"case": name, "error": f"{type(error).__name__}: {error}",
+                                        "traceback": traceback.format_exc()[-1500:]})
+            print(f"gpu_bench: {name} FAILED: {type(error).__name__}: {error}", flush=True)
+        finally:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            self.save()
+        return row
+
+    def target(self, name: str, value: Optional[float], goal: str, met: Optional[bool],
+               detail: str) -> None:
+        self.data["targets"][name] = {"value": value, "goal": goal, "met": met, "detail": detail}
+
+
+def machine_info() -> Dict[str, object]:
+    props = torch.cuda.get_device_properties(0)
+    return {"gpu": props.name, "sms": props.multi_processor_count,
+            "memory_GiB": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}",
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            "allow_tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 # --------------------------------------------------------------------------- machine rates
 
-def copy_bandwidth() -> Dict[str, float]:
-    n = 1 << 28  # 1 GiB of float32
-    src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
+def copy_case() -> Dict:
+    """Device-to-device copy of 2 GiB: the bandwidth ceiling of a streaming kernel."""
+    src = torch.empty(1 << 29, dtype=torch.float32, device="cuda").uniform_()
     dst = torch.empty_like(src)
-    ms = time_cuda(lambda: dst.copy_(src), reps=10, warmup=3)
-    nbytes = 2 * src.numel() * src.element_size()
-    return {"bytes": nbytes, "ms": ms, "GBps": nbytes / ms / 1e6}
+    timing = time_cuda(lambda: dst.copy_(src), reps=10, warmup=3)
+    moved = 2 * src.numel() * src.element_size()          # read + written
+    return {"suite": "copy", "bytes_moved": moved, "times": {"copy": timing},
+            "GBps": moved / timing["median_ms"] / 1e6}
 
 
-def gemm_rates() -> Dict[str, Dict[str, float]]:
-    out = {}
-    for name, dtype, size in (("fp32", torch.float32, 8192), ("bf16", torch.bfloat16, 8192)):
-        a = torch.randn(size, size, device="cuda", dtype=dtype)
-        b = torch.randn(size, size, device="cuda", dtype=dtype)
-        ms = time_cuda(lambda: torch.mm(a, b), reps=5, warmup=2)
-        out[name] = {"size": size, "ms": ms, "TFLOPs": 2 * size ** 3 / ms / 1e9,
-                     "allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
-    return out
+def gemm_case(dtype: torch.dtype) -> Dict:
+    size = 8192
+    a = torch.randn(size, size, device="cuda", dtype=dtype)
+    b = torch.randn(size, size, device="cuda", dtype=dtype)
+    timing = time_cuda(lambda: torch.mm(a, b), reps=5, warmup=2)
+    return {"suite": "gemm", "dtype": str(dtype).replace("torch.", ""), "size": size,
+            "times": {"mm": timing}, "TFLOPs": 2 * size ** 3 / timing["median_ms"] / 1e9}
 
 
 # --------------------------------------------------------------------------- sketch
 
-def sketch_case(ops, f: torch.Tensor, g: torch.Tensor, m: int, copy_GBps: float,
-                dtype_name: str) -> Dict:
+def sketch_inputs(n: int, d: int, dtype: torch.dtype):
+    gen = torch.Generator(device="cuda").manual_seed(n + d)
+    f = torch.randn(n, d, generator=gen, device="cuda", dtype=dtype)
+    g = torch.randn(n, d, generator=gen, device="cuda", dtype=dtype)
+    return f, g
+
+
+def naive_pair(f, g, m: int, bucket, sign):
+    """The path the fused kernel replaces: sign multiply + index_add_, for f and for g."""
+    outs = []
+    for x in (f, g):
+        out = torch.zeros(m, x.shape[1], dtype=torch.float32, device="cuda")
+        out.index_add_(0, bucket, x.float() * sign[:, None])
+        outs.append(out)
+    return outs
+
+
+def sketch_row(ops, f, g, m: int, paths: List[str], copy_GBps: Optional[float]) -> Dict:
     n, d = f.shape
-    elem = f.element_size()
-    acc = torch.float32
-    in_bytes = 2 * n * d * elem
-    floor_bytes = in_bytes + 2 * m * d * 4
-    reps = reps_for(in_bytes)
-    row: Dict[str, object] = {"n": n, "d": d, "m": m, "dtype": dtype_name,
-                              "floor_bytes": floor_bytes, "ms": {}, "skipped": {}, "errors": {}}
-    times = row["ms"]
-
-    def run(name: str, fn: Callable[[], object], extra_bytes: int = 0) -> None:
-        if extra_bytes and extra_bytes > 0.8 * free_bytes():
-            row["skipped"][name] = f"needs {extra_bytes / 2**30:.1f} GiB of scratch"
-            return
-        try:
-            times[name] = time_cuda(fn, reps)
-        except Exception as error:  # keep going: one failed method must not end the run
-            row["errors"][name] = f"{type(error).__name__}: {error}"[:300]
-        finally:
-            torch.cuda.empty_cache()
-
-    run("fused_atomic", lambda: ops.countsketch_pair(f, g, m, 7, deterministic=False))
-    run("fused_deterministic", lambda: ops.countsketch_pair(f, g, m, 7, deterministic=True),
-        extra_bytes=3 * n * 8 + 2 * m * d * 4 * 4)
-
-    buckets, signs = ops.sketch_hash(n, m, 7, device="cuda")
-    bucket, sign = buckets[:, 0].contiguous(), signs[:, 0].contiguous()
-    temp = n * d * 4  # one float32 copy of an input, the baselines' scratch
-
-    def index_add():
-        for x in (f, g):
-            torch.zeros(m, d, dtype=acc, device="cuda").index_add_(0, bucket, x.to(acc) * sign[:, None])
-
-    def scatter_add():
-        index = bucket[:, None].expand(n, d)
-        for x in (f, g):
-            torch.zeros(m, d, dtype=acc, device="cuda").scatter_add_(0, index, x.to(acc) * sign[:, None])
-
-    run("index_add", index_add, extra_bytes=2 * temp)
-    run("scatter_add", scatter_add, extra_bytes=2 * temp)
-
-    def build_csr():
-        order = torch.argsort(bucket, stable=True)
-        counts = torch.bincount(bucket, minlength=m)
-        crow = torch.zeros(m + 1, dtype=torch.int64, device="cuda")
-        crow[1:] = torch.cumsum(counts, 0)
-        return torch.sparse_csr_tensor(crow, order, sign[order].to(acc), size=(m, n))
-
-    try:
-        S_csr = build_csr()
-        run("csr_build", build_csr)
-        run("csr_matmul", lambda: [S_csr @ x.to(acc) for x in (f, g)], extra_bytes=2 * temp)
-        if "csr_build" in times and "csr_matmul" in times:
-            times["csr_build_and_matmul"] = times["csr_build"] + times["csr_matmul"]
-    except Exception as error:
-        row["errors"]["csr"] = f"{type(error).__name__}: {error}"[:300]
-
-    dense_bytes = m * n * elem
-    if dense_bytes <= DENSE_S_MAX_BYTES and dense_bytes < 0.5 * free_bytes():
-        S = torch.zeros(m, n, dtype=f.dtype, device="cuda")
-        S[bucket, torch.arange(n, device="cuda")] = sign.to(f.dtype)
-        run("dense_gemm", lambda: [S @ x for x in (f, g)])
-    else:
-        row["skipped"]["dense_gemm"] = f"dense S would take {dense_bytes / 2**30:.1f} GiB"
-    if "fused_atomic" in times:
-        row["fused_GBps"] = floor_bytes / times["fused_atomic"] / 1e6
-        row["fused_fraction_of_copy"] = row["fused_GBps"] / copy_GBps
-    if "fused_deterministic" in times:
-        row["deterministic_fraction_of_copy"] = floor_bytes / times["fused_deterministic"] / 1e6 / copy_GBps
-    if "fused_atomic" in times and "index_add" in times:
-        row["speedup_vs_index_add"] = times["index_add"] / times["fused_atomic"]
-    if "fused_atomic" in times and "scatter_add" in times:
-        row["speedup_vs_scatter_add"] = times["scatter_add"] / times["fused_atomic"]
+    floor = 2 * n * d * f.element_size() + 2 * m * d * 4   # inputs read once, outputs written once
+    row: Dict[str, object] = {"suite": "sketch", "n": n, "d": d, "m": m,
+                              "dtype": str(f.dtype).replace("torch.", ""), "floor_bytes": floor,
+                              "times": {}}
+    timed = row["times"]
+    reps = 5 if floor < (8 << 30) else 3
+    if "fused" in paths:
+        timed["fused"] = time_cuda(lambda: ops.countsketch_pair(f, g, m, SEED,
+                                                                deterministic=False), reps)
+    if "deterministic" in paths:
+        timed["deterministic"] = time_cuda(lambda: ops.countsketch_pair(f, g, m, SEED,
+                                                                        deterministic=True), reps)
+    if "naive" in paths:
+        buckets, signs = ops.sketch_hash(n, m, SEED, device="cuda")
+        bucket, sign = buckets[:, 0].contiguous(), signs[:, 0].contiguous()
+        timed["naive_index_add"] = time_cuda(lambda: naive_pair(f, g, m, bucket, sign), reps)
+    fused = median_ms(row, "fused")
+    row["fused_GBps"] = floor / fused / 1e6 if fused else None
+    row["fused_fraction_of_copy"] = ratio(row["fused_GBps"], copy_GBps)
+    row["speedup_vs_naive"] = ratio(median_ms(row, "naive_index_add"), fused)
+    row["deterministic_over_fused"] = ratio(median_ms(row, "deterministic"), fused)
     return row
 
 
-def sketch_suite(ops, copy_GBps: float, deadline: float, results: Dict) -> None:
-    rows: List[Dict] = results.setdefault("sketch", [])
-    total = torch.cuda.get_device_properties(0).total_memory
-    for n in SKETCH_N:
-        for d in SKETCH_D:
-            for dname, dtype in DTYPES.items():
-                in_bytes = 2 * n * d * torch.tensor([], dtype=dtype).element_size()
-                if in_bytes > 0.4 * total:
-                    for m in SKETCH_M:
-                        rows.append({"n": n, "d": d, "m": m, "dtype": dname,
-                                     "skipped_case": "inputs exceed 40% of device memory"})
-                    continue
-                if time.time() > deadline:
-                    for m in SKETCH_M:
-                        rows.append({"n": n, "d": d, "m": m, "dtype": dname,
-                                     "skipped_case": "time budget spent"})
-                    continue
-                gen = torch.Generator(device="cuda").manual_seed(n + d)
-                f = torch.randn(n, d, generator=gen, device="cuda", dtype=dtype)
-                g = torch.randn(n, d, generator=gen, device="cuda", dtype=dtype)
-                for m in SKETCH_M:
-                    if time.time() > deadline:
-                        rows.append({"n": n, "d": d, "m": m, "dtype": dname,
-                                     "skipped_case": "time budget spent"})
-                        continue
-                    try:
-                        rows.append(sketch_case(ops, f, g, m, copy_GBps, dname))
-                    except Exception as error:
-                        rows.append({"n": n, "d": d, "m": m, "dtype": dname,
-                                     "error": f"{type(error).__name__}: {error}"[:300]})
-                del f, g
-                torch.cuda.empty_cache()
+def more_baselines_row(ops, f, g, m: int) -> Dict:
+    """scatter_add_, CSR sparse matmul (with and without building S) and dense S @ X."""
+    n, d = f.shape
+    buckets, signs = ops.sketch_hash(n, m, SEED, device="cuda")
+    bucket, sign = buckets[:, 0].contiguous(), signs[:, 0].contiguous()
+    row: Dict[str, object] = {"suite": "sketch_baselines", "n": n, "d": d, "m": m,
+                              "dtype": str(f.dtype).replace("torch.", ""), "times": {}}
+    timed = row["times"]
+    index = bucket[:, None].expand(n, d)
+
+    def scatter_add():
+        for x in (f, g):
+            torch.zeros(m, d, device="cuda").scatter_add_(0, index, x.float() * sign[:, None])
+
+    def build_csr():
+        order = torch.argsort(bucket, stable=True)
+        crow = torch.zeros(m + 1, dtype=torch.int64, device="cuda")
+        crow[1:] = torch.cumsum(torch.bincount(bucket, minlength=m), 0)
+        return torch.sparse_csr_tensor(crow, order, sign[order], size=(m, n))
+
+    timed["scatter_add"] = time_cuda(scatter_add, 3)
+    timed["csr_build"] = time_cuda(build_csr, 3)
+    csr = build_csr()
+    timed["csr_matmul"] = time_cuda(lambda: [csr @ x for x in (f, g)], 3)
+    if m * n * 4 < 0.25 * torch.cuda.mem_get_info()[0]:
+        dense = torch.zeros(m, n, device="cuda")
+        dense[bucket, torch.arange(n, device="cuda")] = sign
+        timed["dense_gemm"] = time_cuda(lambda: [dense @ x for x in (f, g)], 3)
+    return row
+
+
+def sketch_targets(results: Results, row: Dict) -> None:
+    frac, speedup, det = (row.get("fused_fraction_of_copy"), row.get("speedup_vs_naive"),
+                          row.get("deterministic_over_fused"))
+    sizes = f"n={row['n']} d={row['d']} m={row['m']} {row['dtype']}"
+    results.target("fused_fraction_of_copy", frac, ">= 0.80",
+                   None if frac is None else frac >= 0.80, sizes)
+    results.target("fused_speedup_vs_naive", speedup, ">= 3",
+                   None if speedup is None else speedup >= 3.0, sizes)
+    results.target("deterministic_over_fused", det, "<= 2",
+                   None if det is None else det <= 2.0, sizes)
 
 
 # --------------------------------------------------------------------------- gram
 
-def gram_suite(ops, gemm: Dict, deadline: float, results: Dict) -> None:
-    rows: List[Dict] = results.setdefault("gram", [])
-    for dname, dtype in DTYPES.items():
-        for batch, m, d in GRAM_CASES:
-            row: Dict[str, object] = {"batch": batch, "m": m, "da": d, "db": d, "dtype": dname,
-                                      "ms": {}, "errors": {}}
-            if time.time() > deadline:
-                row["skipped_case"] = "time budget spent"
-                rows.append(row)
-                continue
-            a = torch.randn(batch, m, d, device="cuda", dtype=dtype)
-            b = torch.randn(batch, m, d, device="cuda", dtype=dtype)
-            flops = 2.0 * batch * m * m * 2 * d  # both Grams in full, as bmm computes them
-            reps = 5
-
-            def timed(name: str, fn: Callable[[], object]) -> None:
-                try:
-                    row["ms"][name] = time_cuda(fn, reps)
-                except Exception as error:
-                    row["errors"][name] = f"{type(error).__name__}: {error}"[:300]
-
-            for route in ("fused", "bmm"):
-                os.environ["NNSIM_FAST_GRAM"] = route
-                timed(route, lambda: ops.hadamard_gram(a, b))
+def gram_row(ops, d: int, dtype: torch.dtype) -> Dict:
+    gen = torch.Generator(device="cuda").manual_seed(d)
+    a = torch.randn(GRAM_BATCH, GRAM_M, d, generator=gen, device="cuda", dtype=dtype)
+    b = torch.randn(GRAM_BATCH, GRAM_M, d, generator=gen, device="cuda", dtype=dtype)
+    row: Dict[str, object] = {"suite": "gram", "batch": GRAM_BATCH, "m": GRAM_M, "da": d, "db": d,
+                              "dtype": str(dtype).replace("torch.", ""), "times": {}}
+    timed = row["times"]
+    timed["default_route"] = time_cuda(lambda: ops.hadamard_gram(a, b), 10)
+    for route in ("fused", "bmm"):
+        os.environ["NNSIM_FAST_GRAM"] = route
+        try:
+            timed[f"{route}_route"] = time_cuda(lambda: ops.hadamard_gram(a, b), 10)
+        finally:
             os.environ.pop("NNSIM_FAST_GRAM", None)
-            timed("default_route", lambda: ops.hadamard_gram(a, b))
-            a32, b32 = a.float(), b.float()
-            timed("torch_bmm_mul_fp32", lambda: torch.bmm(a32, a32.mT) * torch.bmm(b32, b32.mT))
-            if dtype != torch.float32:
-                timed("torch_bmm_mul_native", lambda: torch.bmm(a, a.mT) * torch.bmm(b, b.mT))
-            rate = gemm.get(dname, {}).get("TFLOPs")
-            for name, ms in row["ms"].items():
-                row.setdefault("TFLOPs", {})[name] = flops / ms / 1e9
-                if rate:
-                    row.setdefault("fraction_of_gemm", {})[name] = flops / ms / 1e9 / rate
-            if "fused" in row["ms"] and "torch_bmm_mul_fp32" in row["ms"]:
-                row["fused_speedup_vs_bmm_mul"] = row["ms"]["torch_bmm_mul_fp32"] / row["ms"]["fused"]
-            rows.append(row)
+    a32, b32 = a.float(), b.float()
+    timed["torch_bmm_mul"] = time_cuda(
+        lambda: torch.bmm(a32, a32.mT) * torch.bmm(b32, b32.mT), 10)
+    baseline = median_ms(row, "torch_bmm_mul")
+    row["speedup_vs_bmm_mul"] = {name: ratio(baseline, median_ms(row, name))
+                                 for name in ("default_route", "fused_route", "bmm_route")}
+    row["GFLOP"] = 2.0 * GRAM_BATCH * GRAM_M * GRAM_M * 2 * d / 1e9   # both Grams in full
+    return row
+
+
+# --------------------------------------------------------------------------- sketch_model
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 with the CIFAR stem (3x3 conv, no max pool), as in the paper's experiments."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64),
+                                  nn.ReLU())
+        widths, cin, stages = (64, 128, 256, 512), 64, []
+        for index, width in enumerate(widths):
+            stride = 1 if index == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(cin, width, stride),
+                                        BasicBlock(width, width, 1)))
+            cin = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes))
+
+    def forward(self, x):
+        x = self.stem(x)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+        return self.head(x)
+
+
+def forward_backward(model: nn.Module, batches, beta: float = 0.5) -> None:
+    """What sketching rides on: a forward and a backward of the expected-gradient
+    objective (gradient p - q at the logits) to the parameters, per batch."""
+    for x in batches:
+        logits = model(x)
+        with torch.no_grad():
+            log_p = torch.log_softmax(logits.double(), dim=1)
+            direction = (log_p.exp() - torch.softmax(beta * log_p, dim=1)).to(logits.dtype)
+        model.zero_grad(set_to_none=True)
+        (logits * direction).sum().backward()
+
+
+def sketch_model_row(batch: int, count: int) -> Dict:
+    from nnsim_fast import sketch_model   # here: an import problem fails this case alone
+
+    torch.manual_seed(0)
+    model = ResNet18().cuda().eval()
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    batches = [torch.randn(batch, 3, 32, 32, generator=gen, device="cuda") for _ in range(count)]
+    layers = ["layer1", "layer2", "layer3", "layer4"]
+    row: Dict[str, object] = {"suite": "sketch_model", "model": "ResNet-18 (CIFAR stem)",
+                              "input": [3, 32, 32], "batch": batch, "batches": count,
+                              "m": TARGET_M, "layers": layers, "spatial": "flatten", "times": {}}
+    timed = row["times"]
+
+    def sketched():
+        sketch_model(model, batches, layers=layers, m=TARGET_M, seed=0)
+
+    timed["forward_backward"] = time_wall(lambda: forward_backward(model, batches))
+    timed["sketch_model"] = time_wall(sketched)
+    bare, full = median_ms(row, "forward_backward"), median_ms(row, "sketch_model")
+    row["overhead"] = None if not bare else full / bare - 1.0
+    return row
 
 
 # --------------------------------------------------------------------------- sanitize
 
 def sanitize(ops) -> None:
-    """Every op once on small inputs: for compute-sanitizer memcheck/racecheck."""
+    """Every CUDA op once on small inputs (for compute-sanitizer): the shared-tile
+    and global atomic paths, one- and two-pass sorts, a multi-level combine tree,
+    strided inputs, dataset rows, the gather, the fused Gram and the hash."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         f = torch.randn(700, 37, generator=gen, device="cuda", dtype=dtype)
         g = torch.randn(700, 16, generator=gen, device="cuda", dtype=dtype)
-        for m, sparsity in ((16, 4), (600, 1), (300, 3)):  # shared tile, global, 2-pass sort
+        for m, sparsity in ((16, 4), (600, 1), (300, 3)):
             for det in (False, True):
                 ops.countsketch_pair(f, g, m, 1, 5, sparsity, deterministic=det)
                 ops.countsketch(f[:, 1::2], m, 1, 5, sparsity, deterministic=det)
         rows = torch.randperm(2000, device="cuda")[:700]
         ops.countsketch_pair(f, g, 64, 2, 0, 2, rows=rows, deterministic=True)
         gy = torch.randn(32, 37, generator=gen, device="cuda", dtype=dtype)
-        torch.ops.nnsim_fast.countsketch_backward(gy, rows, 700, 3, 1, 4)
+        torch.ops.nnsim_fast.countsketch_backward(gy, 700, 3, 1, 4, rows)
         a = torch.randn(2, 70, 19, generator=gen, device="cuda", dtype=dtype)
         b = torch.randn(2, 70, 5, generator=gen, device="cuda", dtype=dtype)
         os.environ["NNSIM_FAST_GRAM"] = "fused"
         ops.hadamard_gram(a, b)
         os.environ.pop("NNSIM_FAST_GRAM", None)
+    # One bucket of 40 pieces: two levels of the combine tree.
+    tall = torch.randn(40 * 256 + 3, 5, generator=gen, device="cuda")
+    ops.countsketch_pair(tall, tall[:, :2], 1, 4, deterministic=True)
     ops.sketch_hash(1000, 64, 9, 3, 4, device="cuda")
     torch.cuda.synchronize()
-    print("sanitize cases ran")
+    print("gpu_bench: sanitize cases ran", flush=True)
 
 
-# --------------------------------------------------------------------------- report
+# --------------------------------------------------------------------------- plan
 
-def read_stages(path: Optional[str]) -> Dict[str, Dict[str, object]]:
-    stages: Dict[str, Dict[str, object]] = {}
-    if path and os.path.exists(path):
-        with open(path) as handle:
-            for line in handle:
-                parts = line.rstrip("\n").split("\t")
-                if len(parts) >= 3:
-                    stages[parts[0]] = {"status": parts[1], "seconds": float(parts[2]),
-                                        "detail": parts[3] if len(parts) > 3 else ""}
-    return stages
+def run_all(results: Results, ops, quick: bool) -> None:
+    copy = results.run_case("copy_bandwidth", copy_case)
+    results.data["copy"] = copy
+    copy_GBps = copy["GBps"] if copy else None
+    n = TARGET_N // 8 if quick else TARGET_N
+    inputs = dict(zip("fg", sketch_inputs(n, TARGET_D, torch.float32)))
+    main = results.run_case("sketch_target", lambda: sketch_row(
+        ops, inputs["f"], inputs["g"], TARGET_M, ["fused", "deterministic", "naive"], copy_GBps))
+    if main:
+        sketch_targets(results, main)
+        results.save()
+    for d in (512, 64):
+        gram = results.run_case(f"gram_d{d}", lambda d=d: gram_row(ops, d, torch.float32))
+        if gram and d == 512:
+            value = gram["speedup_vs_bmm_mul"]["default_route"]
+            results.target("gram_speedup_vs_bmm_mul", value, ">= 1.3",
+                           None if value is None else value >= 1.3,
+                           f"B={GRAM_BATCH} m={GRAM_M} d={d} float32, default route")
+    model_row = results.run_case("sketch_model_resnet18", lambda: sketch_model_row(
+        128 if quick else 256, 4 if quick else 16))
+    if model_row:
+        value = model_row["overhead"]
+        results.target("sketch_model_overhead", value, "<= 0.05",
+                       None if value is None else value <= 0.05,
+                       "ResNet-18 (CIFAR stem), batch/batches in the row")
+    results.save()
+    run_extras(results, ops, inputs, copy_GBps)
 
 
-def print_table(results: Dict) -> None:
-    print()
-    copy = results.get("copy_bandwidth", {}).get("GBps")
-    gemm = results.get("gemm", {})
-    print(f"device: {results['machine'].get('gpu')}; copy {copy and round(copy)} GB/s; "
-          f"GEMM fp32 {gemm.get('fp32', {}).get('TFLOPs', float('nan')):.1f} TF/s, "
-          f"bf16 {gemm.get('bf16', {}).get('TFLOPs', float('nan')):.1f} TF/s")
-    print("countsketch_pair (largest n that fit per dtype, d, m); times in ms")
-    print(f"{'dtype':>5} {'n':>8} {'d':>5} {'m':>5} {'atomic':>8} {'determ':>8} {'%copy':>6} "
-          f"{'idx_add':>8} {'x':>6} {'csr':>8} {'dense':>8}")
-    best: Dict[tuple, Dict] = {}
-    for row in results.get("sketch", []):
-        if "ms" in row and row["ms"]:
-            key = (row["dtype"], row["d"], row["m"])
-            if key not in best or row["n"] > best[key]["n"]:
-                best[key] = row
+def run_extras(results: Results, ops, inputs: Dict[str, torch.Tensor],
+               copy_GBps: Optional[float]) -> None:
+    """Context for the targets, while time lasts: other baselines, other m
+    (m = 1 and 16 load the deterministic path's combine tree), bfloat16, GEMM.
+    Takes the float32 inputs out of `inputs` before making the bfloat16 ones."""
+    results.run_case("sketch_target_more_baselines",
+                     lambda: more_baselines_row(ops, inputs["f"], inputs["g"], TARGET_M))
+    for m in (1, 16, 128, 4096):
+        results.run_case(f"sketch_m{m}", lambda m=m: sketch_row(
+            ops, inputs["f"], inputs["g"], m, ["fused", "deterministic"], copy_GBps))
+    for name in "fg":
+        inputs[name] = inputs.pop(name).bfloat16()
+    torch.cuda.empty_cache()
+    results.run_case("sketch_target_bf16", lambda: sketch_row(
+        ops, inputs["f"], inputs["g"], TARGET_M, ["fused", "deterministic", "naive"], copy_GBps))
+    inputs.clear()
+    torch.cuda.empty_cache()
+    for dtype in (torch.float32, torch.bfloat16):
+        results.run_case(f"gemm_{str(dtype).replace('torch.', '')}",
+                         lambda dtype=dtype: gemm_case(dtype))
 
-    def fmt(value, width=8, digits=2):
-        return f"{value:>{width}.{digits}f}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
 
-    for key in sorted(best):
-        row = best[key]
-        ms = row["ms"]
-        frac = row.get("fused_fraction_of_copy")
-        print(f"{row['dtype']:>5} {row['n']:>8} {row['d']:>5} {row['m']:>5} "
-              f"{fmt(ms.get('fused_atomic'))} {fmt(ms.get('fused_deterministic'))} "
-              f"{fmt(100 * frac if frac else None, 6, 0)} {fmt(ms.get('index_add'))} "
-              f"{fmt(row.get('speedup_vs_index_add'), 6, 1)} {fmt(ms.get('csr_matmul'))} "
-              f"{fmt(ms.get('dense_gemm'))}")
-    print("hadamard_gram; times in ms (fraction of the measured GEMM rate)")
-    print(f"{'dtype':>5} {'B':>2} {'m':>5} {'d':>4} {'fused':>14} {'cublas':>14} {'bmm+mul':>14}")
-    for row in results.get("gram", []):
-        if not row.get("ms"):
-            continue
-        ms, frac = row["ms"], row.get("fraction_of_gemm", {})
-
-        def cell(name):
-            if name not in ms:
-                return f"{'-':>14}"
-            return f"{ms[name]:>7.3f} ({frac.get(name, float('nan')):.2f})"
-
-        print(f"{row['dtype']:>5} {row['batch']:>2} {row['m']:>5} {row['da']:>4} "
-              f"{cell('fused')} {cell('bmm')} {cell('torch_bmm_mul_fp32')}")
-    for name, stage in results.get("stages", {}).items():
-        print(f"stage {name}: {stage['status']} ({stage['seconds']:.0f} s) {stage['detail']}")
+def print_summary(results: Results) -> None:
+    data = results.data
+    machine = data["machine"]
+    copy = data.get("copy") or {}
+    print(f"\ngpu_bench: {machine['gpu']}, torch {machine['torch']}, CUDA {machine['cuda']}; "
+          f"copy {copy.get('GBps', float('nan')):.0f} GB/s")
+    for name, target in data["targets"].items():
+        value = target["value"]
+        shown = "n/a" if value is None else f"{value:.3f}"
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
+        print(f"  {name:28s} {shown:>8s}  goal {target['goal']:8s} {verdict:12s} {target['detail']}")
+    for row in data["rows"]:
+        times = ", ".join(f"{k} {v['median_ms']:.3f} ms" for k, v in row.get("times", {}).items())
+        print(f"  {row['case']}: {times}")
+    for error in data["errors"]:
+        print(f"  ERROR {error['case']}: {error['error']}")
+    for skipped in data["skipped"]:
+        print(f"  skipped {skipped['case']}: {skipped['reason']}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="JSON output path")
-    parser.add_argument("--stages", help="tab-separated stage log from gpu_check.sh")
-    parser.add_argument("--budget-s", type=float, default=270.0,
-                        help="stop starting new cases after this many seconds")
-    parser.add_argument("--sanitize", action="store_true", help="run the small sanitizer cases")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                      "results", "gpu_bench.json"))
+    parser.add_argument("--budget-s", type=float, default=120.0,
+                        help="no case starts after this many seconds (default 120)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    parser.add_argument("--sanitize", action="store_true",
+                        help="run every op once on small inputs, for compute-sanitizer")
     args = parser.parse_args(argv)
-
     if not torch.cuda.is_available():
-        print("gpu_bench: no CUDA device visible to torch", file=sys.stderr)
-        return 2
+        print("gpu_bench: no CUDA device visible to torch; nothing to measure", file=sys.stderr)
+        return 3
     from nnsim_fast import ops
-    warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+    if not ops.cuda_ops_available():
+        print("gpu_bench: nnsim_fast was built without its CUDA kernels", file=sys.stderr)
+        return 4
     if args.sanitize:
         sanitize(ops)
         return 0
+    # The CSR baseline's beta and invariant-check notices are not results.
+    warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+    results = Results(args.out, args.budget_s)
 
-    started = time.time()
-    deadline = started + args.budget_s
-    props = torch.cuda.get_device_properties(0)
-    results: Dict[str, object] = {
-        "machine": {"gpu": props.name, "sms": props.multi_processor_count,
-                    "memory_GiB": round(props.total_memory / 2**30, 1),
-                    "torch": torch.__version__, "cuda": torch.version.cuda,
-                    "python": platform.python_version(), "host": platform.node(),
-                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "command": "bash benchmarks/gpu_check.sh"},
-        "native_cuda_ops": bool(getattr(ops, "cuda_ops_available", lambda: False)()),
-        "stages": read_stages(args.stages),
-        "errors": [],
-    }
-    out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                        "gpu_results.json")
+    def stop(signum, _frame):
+        results.data["status"] = f"killed by signal {signum}"
+        results.save()
+        sys.exit(128 + signum)
 
-    def save() -> None:
-        os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-        with open(out_path, "w") as handle:
-            json.dump(results, handle, indent=1, default=str)
-
-    for name, step in (("copy_bandwidth", copy_bandwidth), ("gemm", gemm_rates)):
-        try:
-            results[name] = step()
-        except Exception as error:
-            results["errors"].append(f"{name}: {type(error).__name__}: {error}")
-    save()
-    copy_GBps = results.get("copy_bandwidth", {}).get("GBps", float("nan"))
-    if not results["native_cuda_ops"]:
-        results["errors"].append("the CUDA kernels of nnsim_fast are not built; "
-                                 "only baselines could run")
-    for name, suite in (("sketch", lambda: sketch_suite(ops, copy_GBps, deadline, results)),
-                        ("gram", lambda: gram_suite(ops, results.get("gemm", {}),
-                                                    deadline + 30, results))):
-        try:
-            suite()
-        except Exception:
-            results["errors"].append(f"{name}: {traceback.format_exc()[-600:]}")
-        save()
-    results["bench_seconds"] = round(time.time() - started, 1)
-    save()
-    print_table(results)
-    print(f"results written to {out_path}")
-    return 0
+    signal.signal(signal.SIGTERM, stop)
+    results.save()
+    try:
+        run_all(results, ops, args.quick)
+        results.data["status"] = "complete" if not results.data["skipped"] else "budget spent"
+    finally:
+        results.save()
+    print_summary(results)
+    print(f"gpu_bench: results in {args.out}")
+    return 1 if results.data["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -23,8 +23,15 @@ TORCH_LIBRARY(nnsim_fast, m) {
   m.def("hadamard_gram(Tensor a, Tensor b) -> Tensor");
 }
 
+namespace nnsim {
+const char* cpu_capability_name();  // cpu/kernels.cpp
+}
+
 PYBIND11_MODULE(_C, module) {
   module.doc() = "nnsim_fast native ops (registered as torch.ops.nnsim_fast.*)";
+  module.def("cpu_capability", &nnsim::cpu_capability_name,
+             "The instruction-set version of the CPU scatter loop in use: avx512, avx2 or "
+             "default (NNSIM_FAST_CPU_CAPABILITY selects a lower one).");
 #ifdef NNSIM_WITH_CUDA
   module.attr("built_with_cuda") = true;
 #else

@@ -32,7 +32,8 @@ def _agree(gathered: List[Dict], key: str, pool: List[int]) -> None:
     values = [gathered[r][key] for r in pool]
     if any(v != values[0] for v in values[1:]):
         shown = {r: gathered[r][key] for r in pool}
-        raise ValueError(f"ranks disagree on {key}: {shown}")
+        what = "settings (beta, target, spatial, tokens)" if key == "compared" else key
+        raise ValueError(f"ranks disagree on {what}: {shown}")
 
 
 def check(gathered: List[Dict]) -> Dict:

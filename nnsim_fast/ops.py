@@ -21,6 +21,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._checks import check_int as _check_int
+
 __all__ = [
     "native_available", "sketch_hash", "countsketch", "countsketch_pair",
     "countsketch_pair_", "countsketch_", "hadamard_gram", "sketch_matrix",
@@ -64,22 +66,6 @@ def cuda_ops_available() -> bool:
 
 # --------------------------------------------------------------------------- checks
 
-def _check_int(value, name: str, low: int, high: int) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    if not isinstance(value, int):
-        if isinstance(value, torch.Tensor) or hasattr(value, "__index__"):
-            try:
-                value = int(value.__index__())
-            except (TypeError, AttributeError, RuntimeError):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-        else:
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return value
-
-
 def _check_sketch_args(m, seed, offset, sparsity) -> Tuple[int, int, int, int]:
     m = _check_int(m, "m", 1, MAX_BUCKETS)
     seed = _check_int(seed, "seed", 0, MAX_SEED)
@@ -116,8 +102,12 @@ def _check_rows(rows, n: int, device: torch.device) -> None:
         raise ValueError(f"rows must be a 1-D tensor of length {n}, got shape {tuple(rows.shape)}")
     if rows.device != device:
         raise ValueError(f"rows is on {rows.device} but the data is on {device}")
-    # Reading values would break a torch.compile graph: the check runs eagerly
-    # (the CPU kernels check again natively).
+    # Reading device values would make the host wait for the GPU on every call:
+    # the native CUDA ops check the values themselves, once per rows tensor.
+    # Only CPU values (and any values on the pure-PyTorch path) are read here,
+    # and never while tracing: that would break a torch.compile graph.
+    if rows.device.type != "cpu" and _NATIVE:
+        return
     if n and not torch.compiler.is_compiling() and bool((rows < 0).any()):
         raise ValueError("rows must be non-negative row indices")
 
@@ -146,6 +136,34 @@ def _check_accumulator(acc, x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be contiguous")
     if acc.device != x.device:
         raise ValueError(f"{name} is on {acc.device} but the data is on {x.device}")
+
+
+def _byte_span(t: torch.Tensor) -> Tuple[int, int]:
+    start = t.storage_offset() * t.element_size()
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
+    return start, start + extent * t.element_size()
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when the memory a and b may touch intersects (conservative for strided views)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _check_no_aliasing(acc_f, acc_g, f, g, rows) -> None:
+    """An accumulator written while it is read (or written twice) gives garbage, silently."""
+    if torch.compiler.is_compiling():   # storage pointers cannot be traced; eager calls check
+        return
+    named = (("acc_f", acc_f), ("acc_g", acc_g), ("f", f), ("g", g), ("rows", rows))
+    for i, (name_a, a) in enumerate(named[:2]):
+        for name_b, b in named[i + 1:]:
+            if b is not None and _overlap(a, b):
+                raise ValueError(f"{name_a} shares memory with {name_b}; the accumulators must "
+                                 "not overlap each other or the inputs (pass a copy)")
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -269,6 +287,8 @@ def sketch_hash(n: int, m: int, seed: int, offset: int = 0, sparsity: int = 1, *
     device = torch.device(device) if device is not None else (
         rows.device if isinstance(rows, torch.Tensor) else torch.device("cpu"))
     _check_rows(rows, n, device)
+    if rows is not None and n and bool((rows < 0).any()):   # any device: not a hot path
+        raise ValueError("rows must be non-negative row indices")
     _check_row_range(n, offset, rows)
     global_rows = _global_rows(n, offset, rows, device)
     if _NATIVE:
@@ -346,10 +366,15 @@ def countsketch_pair_(acc_f: torch.Tensor, acc_g: torch.Tensor, f: torch.Tensor,
     _, seed, offset, sparsity = _check_sketch_args(acc_f.shape[0], seed, offset, sparsity)
     _check_rows(rows, f.shape[0], f.device)
     _check_row_range(f.shape[0], offset, rows)
+    _check_no_aliasing(acc_f, acc_g, f, g, rows)
     det = _deterministic(deterministic)
     if _NATIVE:
         torch.ops.nnsim_fast.countsketch_pair_.default(acc_f, acc_g, f, g, seed, offset, sparsity,
                                                        rows=rows, deterministic=det)
+        # The op writes through raw pointers: tell autograd the accumulators changed,
+        # so a graph that saved them refuses to backpropagate through stale values.
+        for acc in (acc_f, acc_g):
+            torch.autograd.graph.increment_version(acc)
     else:
         with torch.no_grad():
             reference_countsketch_pair_(acc_f, acc_g, f, g, seed, offset, sparsity, rows)
@@ -399,108 +424,112 @@ def hadamard_gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- registration
+# Fake (meta) kernels and autograd formulas, registered at import when the
+# native library is present.  Fake kernels only compute output metadata.
 
-def _register() -> None:
-    lib = "nnsim_fast"
+def _fake_sketch_hash(rows, m, seed, sparsity=1):
+    n = rows.shape[0]
+    return (rows.new_empty((n, sparsity), dtype=torch.int64),
+            rows.new_empty((n, sparsity), dtype=torch.float32))
 
-    @torch.library.register_fake(f"{lib}::sketch_hash")
-    def _(rows, m, seed, sparsity=1):
-        n = rows.shape[0]
-        return (rows.new_empty((n, sparsity), dtype=torch.int64),
-                rows.new_empty((n, sparsity), dtype=torch.float32))
 
-    @torch.library.register_fake(f"{lib}::countsketch")
-    def _(x, m, seed, offset=0, sparsity=1, rows=None, deterministic=False):
-        return x.new_empty((m, x.shape[1]), dtype=_accumulate_dtype(x.dtype))
+def _fake_countsketch(x, m, seed, offset=0, sparsity=1, rows=None, deterministic=False):
+    return x.new_empty((m, x.shape[1]), dtype=_accumulate_dtype(x.dtype))
 
-    @torch.library.register_fake(f"{lib}::countsketch_pair")
-    def _(f, g, m, seed, offset=0, sparsity=1, rows=None, deterministic=False):
-        dtype = _accumulate_dtype(f.dtype)
-        return (f.new_empty((m, f.shape[1]), dtype=dtype),
-                g.new_empty((m, g.shape[1]), dtype=dtype))
 
-    @torch.library.register_fake(f"{lib}::countsketch_pair_")
-    def _(acc_f, acc_g, f, g, seed, offset=0, sparsity=1, rows=None, deterministic=False):
+def _fake_countsketch_pair(f, g, m, seed, offset=0, sparsity=1, rows=None, deterministic=False):
+    dtype = _accumulate_dtype(f.dtype)
+    return (f.new_empty((m, f.shape[1]), dtype=dtype), g.new_empty((m, g.shape[1]), dtype=dtype))
+
+
+def _fake_countsketch_pair_(acc_f, acc_g, f, g, seed, offset=0, sparsity=1, rows=None,
+                            deterministic=False):
+    return None
+
+
+def _fake_countsketch_backward(grad_y, n, seed, offset=0, sparsity=1, rows=None):
+    return grad_y.new_empty((n, grad_y.shape[1]))
+
+
+def _fake_hadamard_gram(a, b):
+    return a.new_empty((a.shape[0], a.shape[1], a.shape[1]), dtype=_accumulate_dtype(a.dtype))
+
+
+def _save_hash(ctx, rows, seed, offset, sparsity) -> None:
+    ctx.rows, ctx.seed, ctx.offset, ctx.sparsity = rows, seed, offset, sparsity
+
+
+def _gather(ctx, grad, n: int, dtype):
+    """S is linear, so d(Sx)/dx is the gather x_grad[i] = S^T grad_y."""
+    if grad is None:
         return None
+    grad_x = torch.ops.nnsim_fast.countsketch_backward.default(
+        grad.contiguous(), n, ctx.seed, ctx.offset, ctx.sparsity, ctx.rows)
+    return grad_x.to(dtype)
 
-    @torch.library.register_fake(f"{lib}::countsketch_backward")
-    def _(grad_y, n, seed, offset=0, sparsity=1, rows=None):
-        return grad_y.new_empty((n, grad_y.shape[1]))
 
-    @torch.library.register_fake(f"{lib}::hadamard_gram")
-    def _(a, b):
-        return a.new_empty((a.shape[0], a.shape[1], a.shape[1]),
-                           dtype=_accumulate_dtype(a.dtype))
+def _setup_countsketch(ctx, inputs, output):
+    x, m, seed, offset, sparsity, rows, _ = inputs
+    _save_hash(ctx, rows, seed, offset, sparsity)
+    ctx.n, ctx.x_dtype = x.shape[0], x.dtype
 
-    # Autograd: S is linear, so d(Sx)/dx is the gather x_grad[i] = S^T grad_y.
-    def _gather(grad, ctx_x_shape, ctx, dtype):
-        if grad is None:
-            return None
-        grad_x = torch.ops.nnsim_fast.countsketch_backward.default(
-            grad.contiguous(), ctx_x_shape[0], ctx.seed, ctx.offset, ctx.sparsity, rows=ctx.rows)
-        return grad_x.to(dtype)
 
-    def _setup_single(ctx, inputs, output):
-        x, m, seed, offset, sparsity, rows, _ = inputs
-        ctx.rows = rows
-        ctx.seed, ctx.offset, ctx.sparsity = seed, offset, sparsity
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+def _backward_countsketch(ctx, grad):
+    return (_gather(ctx, grad, ctx.n, ctx.x_dtype),) + (None,) * 6
 
-    def _backward_single(ctx, grad):
-        return (_gather(grad, ctx.x_shape, ctx, ctx.x_dtype),) + (None,) * 6
 
-    torch.library.register_autograd(f"{lib}::countsketch", _backward_single,
-                                    setup_context=_setup_single)
+def _setup_countsketch_pair(ctx, inputs, output):
+    f, g, m, seed, offset, sparsity, rows, _ = inputs
+    _save_hash(ctx, rows, seed, offset, sparsity)
+    ctx.n, ctx.dtype = f.shape[0], f.dtype
 
-    def _setup_pair(ctx, inputs, output):
-        f, g, m, seed, offset, sparsity, rows, _ = inputs
-        ctx.rows = rows
-        ctx.seed, ctx.offset, ctx.sparsity = seed, offset, sparsity
-        ctx.f_shape, ctx.g_shape, ctx.dtype = f.shape, g.shape, f.dtype
 
-    def _backward_pair(ctx, grad_f, grad_g):
-        return ((_gather(grad_f, ctx.f_shape, ctx, ctx.dtype),
-                 _gather(grad_g, ctx.g_shape, ctx, ctx.dtype)) + (None,) * 6)
+def _backward_countsketch_pair(ctx, grad_f, grad_g):
+    return (_gather(ctx, grad_f, ctx.n, ctx.dtype), _gather(ctx, grad_g, ctx.n, ctx.dtype)) + \
+        (None,) * 6
 
-    torch.library.register_autograd(f"{lib}::countsketch_pair", _backward_pair,
-                                    setup_context=_setup_pair)
 
-    # The gather is linear too: its gradient is the scatter (for double backward).
-    def _setup_gather(ctx, inputs, output):
-        grad_y, n, seed, offset, sparsity, rows = inputs
-        ctx.rows = rows
-        ctx.seed, ctx.offset, ctx.sparsity = seed, offset, sparsity
-        ctx.m, ctx.dtype = grad_y.shape[0], grad_y.dtype
+def _setup_gather(ctx, inputs, output):
+    grad_y, n, seed, offset, sparsity, rows = inputs
+    _save_hash(ctx, rows, seed, offset, sparsity)
+    ctx.m, ctx.dtype = grad_y.shape[0], grad_y.dtype
 
-    def _backward_gather(ctx, grad):
-        grad_y = torch.ops.nnsim_fast.countsketch.default(
-            grad.contiguous(), ctx.m, ctx.seed, ctx.offset, ctx.sparsity, rows=ctx.rows,
-            deterministic=torch.are_deterministic_algorithms_enabled())
-        return (grad_y.to(ctx.dtype),) + (None,) * 5
 
-    torch.library.register_autograd(f"{lib}::countsketch_backward", _backward_gather,
-                                    setup_context=_setup_gather)
+def _backward_gather(ctx, grad):
+    # The gather is linear too: its gradient is the scatter (double backward).
+    grad_y = torch.ops.nnsim_fast.countsketch.default(
+        grad.contiguous(), ctx.m, ctx.seed, ctx.offset, ctx.sparsity, ctx.rows,
+        torch.are_deterministic_algorithms_enabled())
+    return (grad_y.to(ctx.dtype),) + (None,) * 5
 
+
+def _setup_gram(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_gram(ctx, grad):
     # d/da <G, (a a^T) o (b b^T)> = (G o Kb + (G o Kb)^T) a, and likewise for b.
-    def _setup_gram(ctx, inputs, output):
-        a, b = inputs
-        ctx.save_for_backward(a, b)
-
-    def _backward_gram(ctx, grad):
-        a, b = ctx.saved_tensors
-        dtype = _accumulate_dtype(a.dtype)
-        a_acc, b_acc = a.to(dtype), b.to(dtype)
-        gram_a = torch.bmm(a_acc, a_acc.transpose(1, 2))
-        gram_b = torch.bmm(b_acc, b_acc.transpose(1, 2))
-        weight_a = grad * gram_b
-        weight_b = grad * gram_a
-        grad_a = torch.bmm(weight_a + weight_a.transpose(1, 2), a_acc)
-        grad_b = torch.bmm(weight_b + weight_b.transpose(1, 2), b_acc)
-        return grad_a.to(a.dtype), grad_b.to(b.dtype)
-
-    torch.library.register_autograd(f"{lib}::hadamard_gram", _backward_gram,
-                                    setup_context=_setup_gram)
+    a, b = ctx.saved_tensors
+    dtype = _accumulate_dtype(a.dtype)
+    a_acc, b_acc = a.to(dtype), b.to(dtype)
+    gram_a = torch.bmm(a_acc, a_acc.transpose(1, 2))
+    gram_b = torch.bmm(b_acc, b_acc.transpose(1, 2))
+    weight_a, weight_b = grad * gram_b, grad * gram_a
+    grad_a = torch.bmm(weight_a + weight_a.transpose(1, 2), a_acc)
+    grad_b = torch.bmm(weight_b + weight_b.transpose(1, 2), b_acc)
+    return grad_a.to(a.dtype), grad_b.to(b.dtype)
 
 
 if _NATIVE:
-    _register()
+    for _name, _fake in (("sketch_hash", _fake_sketch_hash), ("countsketch", _fake_countsketch),
+                         ("countsketch_pair", _fake_countsketch_pair),
+                         ("countsketch_pair_", _fake_countsketch_pair_),
+                         ("countsketch_backward", _fake_countsketch_backward),
+                         ("hadamard_gram", _fake_hadamard_gram)):
+        torch.library.register_fake(f"nnsim_fast::{_name}", _fake)
+    for _name, _backward, _setup in (
+            ("countsketch", _backward_countsketch, _setup_countsketch),
+            ("countsketch_pair", _backward_countsketch_pair, _setup_countsketch_pair),
+            ("countsketch_backward", _backward_gather, _setup_gather),
+            ("hadamard_gram", _backward_gram, _setup_gram)):
+        torch.library.register_autograd(f"nnsim_fast::{_name}", _backward, setup_context=_setup)

@@ -20,6 +20,7 @@ import sys
 import textwrap
 from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
 
@@ -293,6 +294,128 @@ def test_changed_settings_with_an_existing_checkpoint_raise(job, tmp_path, chang
     assert checkpoint.read_bytes() == before
 
 
+class LoaderFailure(Exception):
+    pass
+
+
+def failing_loader(loader, fail_at: int):
+    """The loader's batches, with ``next()`` raising at batch ``fail_at``."""
+    for k, batch in enumerate(loader):
+        if k == fail_at:
+            raise LoaderFailure(f"could not read batch {k}")
+        yield batch
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_loader_error_checkpoint_holds_exactly_the_batches_it_counts(job, tmp_path, indexed):
+    # Batches 0, 1, 2 are added; next(data) raises when batch 3 is read.  The checkpoint
+    # must say 3 batches (not 2): a resume that re-added batch 2 would count it twice
+    # (stream numbering) or be refused forever (dataset indices).
+    checkpoint = tmp_path / "loader.ckpt"
+    with pytest.raises(LoaderFailure):
+        sketch_model(job.make_model(), failing_loader(job.make_loader(indexed), 3),
+                     checkpoint=checkpoint, checkpoint_every=100, **job.SETTINGS)
+    partial = Representation.load(checkpoint)
+    assert partial.meta["progress"]["batches"] == 3
+    assert partial.n == 3 * job.BATCH
+    assert_same(reference(job, max_batches=3, indexed=indexed), partial)
+    model = job.make_model()
+    rep = sketch_model(model, job.make_loader(indexed), checkpoint=checkpoint,
+                       checkpoint_every=100, **job.SETTINGS)
+    assert model.calls == 5
+    assert_same(reference(job, indexed=indexed), rep)
+
+
+def test_interrupt_in_the_model_keeps_the_batches_before_it(job, tmp_path):
+    checkpoint = tmp_path / "interrupt.ckpt"
+    model = job.make_model()
+
+    def interrupt_at_batch_2(module, inputs):
+        if module.calls == 2:
+            raise KeyboardInterrupt
+
+    model.register_forward_pre_hook(interrupt_at_batch_2)
+    with pytest.raises(KeyboardInterrupt):
+        sketch_model(model, job.make_loader(), checkpoint=checkpoint, **job.SETTINGS)
+    partial = Representation.load(checkpoint)
+    assert partial.meta["progress"]["batches"] == 2
+    assert_same(reference(job, max_batches=2), partial)
+
+
+def partial_checkpoint(job, path, batches: int) -> bytes:
+    """A checkpoint of the first ``batches`` batches of the job's loader (the run then fails)."""
+    with pytest.raises(LoaderFailure):
+        sketch_model(job.make_model(), failing_loader(job.make_loader(), batches),
+                     checkpoint=path, checkpoint_every=100, **job.SETTINGS)
+    return path.read_bytes()
+
+
+def short_loader(job, samples: int, batch_size: int = None):
+    x, y = next(iter(torch.utils.data.DataLoader(job.make_loader().dataset, batch_size=job.N)))
+    dataset = torch.utils.data.TensorDataset(x[:samples], y[:samples])
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size or job.BATCH)
+
+
+def test_resume_with_a_shorter_loader_is_an_error(job, tmp_path):
+    checkpoint = tmp_path / "short.ckpt"
+    before = partial_checkpoint(job, checkpoint, 4)
+    # A loader without a length that ends after 3 batches: found when it ends.
+    model = job.make_model()
+    three_batches = (batch for k, batch in enumerate(job.make_loader()) if k < 3)
+    with pytest.raises(ValueError, match="holds 4 batches, but data yielded only 3"):
+        sketch_model(model, three_batches, checkpoint=checkpoint, **job.SETTINGS)
+    # A DataLoader of 3 batches: its length says so before anything runs.
+    with pytest.raises(ValueError, match="holds 4 batches, but data has 3"):
+        sketch_model(model, short_loader(job, 15), checkpoint=checkpoint, **job.SETTINGS)
+    # As many batches, but not the same ones (batches of 4 rows, not 5).
+    with pytest.raises(ValueError, match="holds 20 rows from the first 4 batches"):
+        sketch_model(model, short_loader(job, job.N, batch_size=4), checkpoint=checkpoint,
+                     **job.SETTINGS)
+    assert model.calls == 0
+    assert checkpoint.read_bytes() == before
+
+
+def test_a_resume_writes_nothing_while_it_skips_the_batches_it_holds(job, tmp_path):
+    # The checkpoint holds 4 batches; the resume checkpoints every 2 and its loader fails
+    # while batch 3 is read, that is, while the held batches are still being skipped.
+    checkpoint = tmp_path / "skip.ckpt"
+    before = partial_checkpoint(job, checkpoint, 4)
+    model = job.make_model()
+    with pytest.raises(LoaderFailure):
+        sketch_model(model, failing_loader(job.make_loader(), 3), checkpoint=checkpoint,
+                     checkpoint_every=2, **job.SETTINGS)
+    assert model.calls == 0
+    assert checkpoint.read_bytes() == before
+    rep = sketch_model(job.make_model(), job.make_loader(), checkpoint=checkpoint,
+                       checkpoint_every=2, **job.SETTINGS)
+    assert_same(reference(job), rep)
+
+
+def test_finished_checkpoint_with_data_of_another_length_is_an_error(job, tmp_path):
+    checkpoint = tmp_path / "finished.ckpt"
+    sketch_model(job.make_model(), job.make_loader(), checkpoint=checkpoint, **job.SETTINGS)
+    before = checkpoint.read_bytes()
+    with pytest.raises(ValueError, match="holds a finished run of 8 batches, but data has 5"):
+        sketch_model(job.make_model(), short_loader(job, 25), checkpoint=checkpoint,
+                     **job.SETTINGS)
+    assert checkpoint.read_bytes() == before
+
+
+def test_numpy_scalar_settings_are_written_as_json_numbers(job, tmp_path):
+    checkpoint = tmp_path / "numpy.ckpt"
+    settings = {**job.SETTINGS, "m": np.int64(16), "seed": np.int64(5)}
+    partial_settings = dict(settings, beta=np.float32(0.5), max_batches=np.int64(6))
+    with pytest.raises(LoaderFailure):
+        sketch_model(job.make_model(), failing_loader(job.make_loader(), 4),
+                     checkpoint=checkpoint, checkpoint_every=np.int64(2), **partial_settings)
+    saved = Representation.load(checkpoint).meta["progress"]["settings"]
+    assert saved["m"] == 16 and type(saved["m"]) is int
+    assert saved["beta"] == 0.5 and saved["max_batches"] == 6
+    rep = sketch_model(job.make_model(), job.make_loader(), checkpoint=checkpoint,
+                       checkpoint_every=np.int64(2), **partial_settings)
+    assert_same(reference(job, max_batches=6), rep)
+
+
 # --------------------------------------------------------------------------- atomic writes
 
 def test_save_writes_a_temporary_then_renames(tmp_path, monkeypatch):
@@ -346,8 +469,8 @@ def test_saved_file_gets_the_permissions_the_umask_gives(tmp_path):
 
 def test_checkpoint_argument_errors(job, tmp_path):
     data, model = job.make_loader(), job.make_model()
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="checkpoint_every"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="checkpoint_every"):
             sketch_model(model, data, checkpoint=tmp_path / "x.ckpt", checkpoint_every=bad,
                          **job.SETTINGS)
     with pytest.raises(ValueError, match="checkpoint_every needs checkpoint"):

@@ -196,6 +196,74 @@ def test_deterministic_path_is_bitwise_reproducible():
         assert (first[0] - fast[0]).abs().max().item() <= 1e-4 * scale
 
 
+def integer_matrix(n: int, d: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Small integers: every partial sum of a sketch of them is exact in float32."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-8, 9, (n, d), generator=gen).to(dtype).cuda()
+
+
+def exact_sketch(x: torch.Tensor, m: int, seed: int, sparsity: int) -> torch.Tensor:
+    """S x in float64 on the CPU from the CPU hash (exact for integer x, s in {1, 4})."""
+    buckets, signs = ops.sketch_hash(x.shape[0], m, seed, 0, sparsity)
+    xd = x.cpu().double()
+    out = torch.zeros(m, x.shape[1], dtype=torch.float64)
+    for j in range(sparsity):
+        out.index_add_(0, buckets[:, j], xd * (signs[:, j].double() / sparsity ** 0.5)[:, None])
+    return out
+
+
+# Rows per bucket straddle the combine tree's fan-in (32) for pieces of 256
+# entries: 1 piece (no tree), 2 and 32 (one group), 33 (two groups, two
+# levels), 1024 (two full levels) and 1025 (three levels).  With other internal
+# sizes the comparison stays exact, only less targeted.
+@pytest.mark.parametrize("m,sparsity,rows_per_bucket", [
+    (1, 1, 256), (1, 1, 2 * 256), (1, 1, 32 * 256), (1, 1, 33 * 256 - 5), (1, 1, 1024 * 256),
+    (1, 1, 1025 * 256 + 7), (3, 1, 40 * 256), (4, 4, 33 * 256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_deterministic_combine_tree_is_exact(m, sparsity, rows_per_bucket, dtype):
+    """Integer data make every order of summation give the same float32 bits, so
+    any partial sum lost, added twice or sent to the wrong bucket by the
+    combine tree shows as an exact mismatch (the atomic path must agree too)."""
+    n = rows_per_bucket * m // sparsity
+    f = integer_matrix(n, 3, dtype, seed=rows_per_bucket)
+    g = integer_matrix(n, 2, dtype, seed=rows_per_bucket + 1)
+    ref_f, ref_g = exact_sketch(f, m, 19, sparsity), exact_sketch(g, m, 19, sparsity)
+    for det in (True, False):
+        sf, sg = ops.countsketch_pair(f, g, m, 19, 0, sparsity, deterministic=det)
+        assert sf.dtype == torch.float32
+        assert torch.equal(sf.cpu().double(), ref_f), (det, (sf.cpu().double() - ref_f).abs().max())
+        assert torch.equal(sg.cpu().double(), ref_g), (det, (sg.cpu().double() - ref_g).abs().max())
+    acc_f = torch.zeros(m, 3, dtype=torch.float64, device="cuda")
+    acc_g = torch.zeros(m, 2, dtype=torch.float64, device="cuda")
+    ops.countsketch_pair_(acc_f, acc_g, f, g, 19, 0, sparsity, deterministic=True)
+    assert torch.equal(acc_f.cpu(), ref_f) and torch.equal(acc_g.cpu(), ref_g)
+
+
+@pytest.mark.parametrize("m", [1, 2, 16])
+def test_deterministic_small_m_repeatable_under_concurrent_load(m):
+    """Few buckets, many pieces each (a multi-level combine): the bits must not
+    depend on how the blocks are scheduled, so other work runs beside each call."""
+    n = 300_000
+    f = random_matrix(n, 40, torch.float32, seed=90 + m)
+    g = random_matrix(n, 7, torch.float32, seed=91 + m)
+    noise = torch.randn(2048, 2048, device="cuda")
+    busy = torch.empty_like(noise)
+    side = torch.cuda.Stream()
+    results = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        with torch.cuda.stream(side):
+            for _ in range(4):
+                torch.mm(noise, noise, out=busy)
+        results.append(ops.countsketch_pair(f, g, m, 23, 0, 1, deterministic=True))
+    torch.cuda.synchronize()
+    for sf, sg in results[1:]:
+        assert torch.equal(sf, results[0][0]) and torch.equal(sg, results[0][1])
+    for out, x in zip(results[0], (f, g)):
+        ref, bound = dense_sketch(x, m, 23)
+        assert_sketch_close(out, ref, bound, torch.float32)
+
+
 def test_deterministic_flag_follows_torch_setting():
     x = random_matrix(50_000, 16, torch.float32, seed=42)
     previous = torch.are_deterministic_algorithms_enabled()
@@ -355,6 +423,10 @@ def test_hadamard_gram_strided_inputs_and_2d(monkeypatch, route):
 def test_native_cuda_ops_reject_bad_input():
     x = torch.randn(10, 4, device="cuda")
     nf = torch.ops.nnsim_fast
+
+    def zeros(*shape, dtype=torch.float32):
+        return torch.zeros(*shape, device="cuda", dtype=dtype)
+
     with pytest.raises(TypeError):
         nf.countsketch(x.int(), 8, 0, 0, 1, None, False)
     with pytest.raises(ValueError):
@@ -367,10 +439,11 @@ def test_native_cuda_ops_reject_bad_input():
         nf.countsketch_pair(x, torch.randn(9, 2, device="cuda"), 8, 0, 0, 1, None, False)
     with pytest.raises(ValueError):
         nf.countsketch_pair(x, torch.randn(10, 2), 8, 0, 0, 1, None, False)
-    with pytest.raises(ValueError):
-        nf.countsketch_pair_(torch.zeros(8, 4, device="cuda"), torch.zeros(8, 3, device="cuda"), x, torch.randn(10, 2, device="cuda"), 0, 0, 1, None, False)
-    with pytest.raises(TypeError):
-        nf.countsketch_pair_(torch.zeros(8, 4, device="cuda", dtype=torch.float16), torch.zeros(8, 2, device="cuda", dtype=torch.float16), x, torch.randn(10, 2, device="cuda"), 0, 0, 1, None, False)
+    with pytest.raises(ValueError):                          # acc_g has the wrong width
+        nf.countsketch_pair_(zeros(8, 4), zeros(8, 3), x, zeros(10, 2), 0, 0, 1, None, False)
+    with pytest.raises(TypeError):                           # 16-bit accumulators
+        nf.countsketch_pair_(zeros(8, 4, dtype=torch.float16), zeros(8, 2, dtype=torch.float16),
+                             x, zeros(10, 2), 0, 0, 1, None, False)
     with pytest.raises(ValueError):
         nf.countsketch_backward(x, -1, 0, 0, 1, None)
     with pytest.raises(ValueError):
@@ -379,6 +452,106 @@ def test_native_cuda_ops_reject_bad_input():
         nf.hadamard_gram(x[None], x[None].double())
     with pytest.raises(ValueError):
         nf.sketch_hash(torch.arange(4, device="cuda"), 8, -1, 1)
+
+
+def negative_rows(n: int) -> torch.Tensor:
+    rows = torch.arange(n, device="cuda") * 3
+    rows[n // 2] = -5
+    return rows
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_native_cuda_ops_refuse_negative_rows(deterministic):
+    """As the CPU ops do; the Python wrappers leave the CUDA check to the binding."""
+    n = 300
+    x = torch.randn(n, 6, device="cuda")
+    g = torch.randn(n, 2, device="cuda")
+    acc_f, acc_g = torch.zeros(16, 6, device="cuda"), torch.zeros(16, 2, device="cuda")
+    nf = torch.ops.nnsim_fast
+    calls = [
+        lambda r: nf.countsketch(x, 16, 1, 0, 1, r, deterministic),
+        lambda r: nf.countsketch_pair(x, g, 16, 1, 0, 1, r, deterministic),
+        lambda r: nf.countsketch_pair_(acc_f, acc_g, x, g, 1, 0, 1, r, deterministic),
+        lambda r: nf.countsketch_backward(acc_f, n, 1, 0, 1, r),
+        lambda r: ops.countsketch(x, 16, 1, rows=r, deterministic=deterministic),
+        lambda r: ops.countsketch_pair(x, g, 16, 1, rows=r, deterministic=deterministic),
+        lambda r: ops.countsketch_pair_(acc_f, acc_g, x, g, 1, rows=r, deterministic=deterministic),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="non-negative"):
+            call(negative_rows(n))                           # a fresh tensor every time
+        call(torch.arange(n, device="cuda") * 3)
+
+
+def test_negative_rows_check_sees_in_place_writes():
+    """A rows tensor that passed is not checked again, unless it was written to."""
+    x = torch.randn(100, 4, device="cuda")
+    rows = torch.arange(100, device="cuda")
+    ops.countsketch(x, 8, 0, rows=rows)
+    ops.countsketch(x, 8, 0, rows=rows)
+    rows[7] = -1
+    with pytest.raises(ValueError, match="non-negative"):
+        ops.countsketch(x, 8, 0, rows=rows)
+    view = rows[:50]
+    view[7] = 7                                              # through a view: same counter
+    ops.countsketch(x, 8, 0, rows=rows)
+    rows[60:] = -rows[60:]
+    with pytest.raises(ValueError, match="non-negative"):
+        ops.countsketch(x, 8, 0, rows=rows)
+    with torch.inference_mode():                             # no version counter: always checked
+        frozen = torch.arange(100, device="cuda")
+        ops.countsketch(x, 8, 0, rows=frozen)
+        frozen[3] = -2
+        with pytest.raises(ValueError, match="non-negative"):
+            ops.countsketch(x, 8, 0, rows=frozen)
+
+
+def test_cuda_calls_do_not_wait_for_the_device():
+    """No host synchronisation: without rows never, with rows only the first time
+    a rows tensor is seen (torch raises on a synchronising call in this mode)."""
+    x = torch.randn(5000, 24, device="cuda")
+    g = torch.randn(5000, 3, device="cuda")
+    rows = torch.randperm(20_000, device="cuda")[:5000]
+    acc_f, acc_g = torch.zeros(64, 24, device="cuda"), torch.zeros(64, 3, device="cuda")
+    ops.countsketch(x, 64, 1, rows=rows)                     # checks rows once
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for det in (False, True):
+            for r in (None, rows):
+                ops.countsketch(x, 64, 1, 5, 2, rows=r, deterministic=det)
+                ops.countsketch_pair(x, g, 64, 1, 5, 2, rows=r, deterministic=det)
+                ops.countsketch_pair_(acc_f, acc_g, x, g, 1, 5, 2, rows=r, deterministic=det)
+        ops.hadamard_gram(acc_f[None], acc_g[None])
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    with pytest.raises(RuntimeError):                        # the mode does catch a wait
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ops.countsketch(x, 64, 1, rows=rows.clone())
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_rows_under_cuda_graph_capture(deterministic):
+    """A capture allows no host wait, so the rows check stands aside there; the
+    captured sketch replays with whatever rows hold at replay time."""
+    n, m = 4000, 32
+    x = torch.randn(n, 16, device="cuda")
+    rows = torch.randperm(4 * n, device="cuda")[:n]
+    eager = ops.countsketch(x, m, 3, rows=rows.clone(), deterministic=deterministic)
+    captured_rows = rows.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.countsketch(x, m, 3, rows=captured_rows, deterministic=deterministic)
+    graph.replay()
+    torch.cuda.synchronize()
+    if deterministic:
+        assert torch.equal(out, eager)
+    else:
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5 * eager.abs().max().item())
 
 
 # --------------------------------------------------------------------------- torch.library

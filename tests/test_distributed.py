@@ -146,11 +146,39 @@ def _scenarios(rank: int, out: Path) -> None:
     sketch(untouchable, loader, M64, SEED64, torch.float64, distributed=True,
            checkpoint=path, checkpoint_every=2).save(out / f"ck_again.rank{rank}")
 
+    # Structures that cannot be summed: an error on every rank (the checks follow one
+    # exchange of descriptions, so the group stays usable afterwards).
+    _disagreeing_ranks(rank, out, feats, grads, rows)
+
     # Ranks disagreeing on m: an error on every rank, not a hang.  Last, because a
     # failed collective may leave the group unusable.
     other = Representation(8 * (rank + 1), SEED_SHARDS, beta=0.5, dtype=torch.float64)
     other.update({"a": feats["a"][rows]}, {"a": grads["a"][rows]}, rows=rows)
     (out / f"mismatch.rank{rank}.txt").write_text(_expect_error(other.all_reduce))
+
+
+def _disagreeing_ranks(rank: int, out: Path, feats, grads, rows) -> None:
+    from nnsim_fast.sketch import zeros_like_structure
+
+    def rep_with(layer: str, meta=None) -> Representation:
+        rep = Representation(M_SHARDS, SEED_SHARDS, beta=0.5, dtype=torch.float64, meta=meta)
+        rep.update({layer: feats[layer][rows]}, {layer: grads[layer][rows]}, rows=rows)
+        return rep
+
+    # An idle rank (no rows) holding a layer of another width than the active rank's.
+    if rank == 0:
+        idle_mismatch = rep_with("a")
+    else:
+        idle_mismatch = Representation(M_SHARDS, SEED_SHARDS, beta=0.5, dtype=torch.float64)
+        zeros_like_structure(idle_mismatch, {"a": {"dims": {"df": 7, "dg": 4, "w": 28},
+                                                   "feature_shape": [7]}})
+    (out / f"idle_width.rank{rank}.txt").write_text(_expect_error(idle_mismatch.all_reduce))
+    # Active ranks holding different layers.
+    names = rep_with("a" if rank == 0 else "b")
+    (out / f"layer_names.rank{rank}.txt").write_text(_expect_error(names.all_reduce))
+    # Ranks sketched with different spatial pooling (merge refuses that too).
+    pooled = rep_with("a", meta={"spatial": "flatten" if rank == 0 else "mean"})
+    (out / f"spatial.rank{rank}.txt").write_text(_expect_error(pooled.all_reduce))
 
 
 def _edge_scenarios(rank: int, out: Path) -> None:
@@ -358,6 +386,17 @@ def test_all_reduce_refuses_overlapping_rows(ranks_output):
     for rank in range(WORLD):
         message = (ranks_output / f"overlap.rank{rank}.txt").read_text()
         assert message.startswith("ValueError") and "overlapping" in message, message
+
+
+@pytest.mark.parametrize("scenario, words", [("idle_width", ["rank 1", "structure"]),
+                                              ("layer_names", ["layers"]),
+                                              ("spatial", ["spatial", "flatten", "mean"])])
+def test_all_reduce_refuses_structures_it_cannot_sum(ranks_output, scenario, words):
+    messages = [(ranks_output / f"{scenario}.rank{rank}.txt").read_text() for rank in range(WORLD)]
+    assert messages[0] == messages[1], messages          # the same error on every rank
+    assert messages[0].startswith("ValueError"), messages[0]
+    for word in words:
+        assert word in messages[0], messages[0]
 
 
 def test_all_reduce_with_mismatched_m_raises_on_every_rank(ranks_output):

@@ -12,8 +12,14 @@ accumulators (float64) are compared with ``S @ F`` and ``S @ G``.
 """
 from __future__ import annotations
 
+import sys
+import threading
+import time
+import types
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +27,7 @@ from torch import nn
 
 from conftest import dense_sketch
 from nnsim_fast import sketch_model
+from nnsim_fast.extract import exact_model, features_and_gradients
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -239,10 +246,11 @@ def test_sparsity_two_matches_dense_sketch():
     assert_sketch(rep, "fc2", f, g, dense_sketch(11, 16, 11, sparsity=2))
 
 
-def test_beta_one_gives_zero_expected_gradient():
+def test_beta_one_gives_zero_expected_gradient_and_a_warning():
     model = make_mlp()
     x, y = mlp_data()
-    rep = sketch_model(model, [(x, y)], layers=["fc1"], m=8, beta=1.0, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="beta=1"):
+        rep = sketch_model(model, [(x, y)], layers=["fc1"], m=8, beta=1.0, dtype=torch.float64)
     assert float(rep.layers["fc1"].sketch_g.abs().max()) < 1e-12
     assert float(rep.layers["fc1"].sketch_f.abs().max()) > 0.1
 
@@ -388,8 +396,8 @@ class Wrapped(nn.Module):
 
 
 @pytest.mark.parametrize("style, output_fn", [
-    ("tuple", None), ("list", None), ("logits", None), ("scores", lambda out: out["scores"]),
-    ("tuple", lambda out: out[0])])
+    ("logits", None), ("scores", lambda out: out["scores"]), ("tuple", lambda out: out[0]),
+    ("list", lambda out: out[0])])
 def test_tuple_and_dict_outputs(style, output_fn):
     inner = make_mlp()
     model = Wrapped(inner, style)
@@ -401,6 +409,38 @@ def test_tuple_and_dict_outputs(style, output_fn):
         stages, cut = inner.stages()[name]
         f, g = reference_layer(stages, cut, x)
         assert_sketch(rep, f"inner.{name}", f, g, S)
+
+
+@pytest.mark.parametrize("style", ["tuple", "list"])
+def test_output_with_several_tensors_needs_output_fn(style):
+    # (logits, extra) or (embedding, logits): which one is the logits is not guessed.
+    model = Wrapped(make_mlp(), style)
+    x, y = mlp_data(4)
+    with pytest.raises(TypeError, match="output_fn") as info:
+        sketch_model(model, [(x, y)], layers=["inner.fc1"], m=8)
+    assert "2 tensors" in str(info.value)
+    assert all_forward_hooks(model) == 0
+
+
+class LogitsAttribute(nn.Module):
+    """Returns an object with a ``logits`` attribute (a dataclass-style model output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = make_mlp()
+
+    def forward(self, x):
+        return type("Output", (), {"logits": self.inner(x), "hidden": x})()
+
+
+def test_single_tensor_tuples_and_logits_attributes_are_read():
+    x, y = mlp_data(6)
+    plain = sketch_model(make_mlp(), [(x, y)], layers=["fc1"], m=8, dtype=torch.float64)
+    single = Wrapped(make_mlp(), "tuple")
+    single.forward = lambda t: (single.inner(t), None)        # one tensor among non-tensors
+    for model, layer in ((single, "inner.fc1"), (LogitsAttribute(), "inner.fc1")):
+        rep = sketch_model(model, [(x, y)], layers=[layer], m=8, dtype=torch.float64)
+        torch.testing.assert_close(rep.layers[layer].sketch_g, plain.layers["fc1"].sketch_g, **TOL)
 
 
 def test_dict_output_without_logits_needs_output_fn():
@@ -602,7 +642,8 @@ class IndexedDataset(torch.utils.data.Dataset):
         return i, self.x[i], self.y[i]
 
 
-def assert_same_rep(a, b, names, tol=dict(rtol=1e-12, atol=1e-12)) -> None:
+def assert_same_rep(a, b, names, tol=None) -> None:
+    tol = tol or dict(rtol=1e-12, atol=1e-12)
     assert a.n == b.n and a.row_intervals == b.row_intervals
     for name in names:
         for key, value in a.layers[name].tensors().items():
@@ -615,7 +656,8 @@ def test_shuffled_index_batches_equal_sorted_order():
     x, y = mlp_data(30, seed=7)
     names = ["fc1", "fc2"]
     kwargs = dict(layers=names, m=16, seed=3, dtype=torch.float64)
-    ordered = sketch_model(model, [{"x": x[i:i + 8], "y": y[i:i + 8], "index": torch.arange(i, min(i + 8, 30))}
+    ordered = sketch_model(model, [{"x": x[i:i + 8], "y": y[i:i + 8],
+                                    "index": torch.arange(i, min(i + 8, 30))}
                                    for i in range(0, 30, 8)], **kwargs)
     perm = torch.randperm(30, generator=torch.Generator().manual_seed(1))
     shuffled = sketch_model(model, [{"x": x[p], "y": y[p], "index": p} for p in perm.split(7)], **kwargs)
@@ -666,12 +708,14 @@ def test_max_batches_stops_early():
 
 # --------------------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("beta", [0, 0.0, -0.5, 1.0000001, 2, float("nan"), float("inf"), True,
-                                  "0.5", None])
-def test_beta_outside_unit_interval(beta):
+@pytest.mark.parametrize("beta, error", [
+    (0, ValueError), (0.0, ValueError), (-0.5, ValueError), (1.0000001, ValueError), (2, ValueError),
+    (float("nan"), ValueError), (float("inf"), ValueError), (True, TypeError), ("0.5", TypeError),
+    (None, TypeError)])
+def test_beta_outside_unit_interval(beta, error):
     model = make_mlp()
     x, y = mlp_data(4)
-    with pytest.raises(ValueError, match="beta"):
+    with pytest.raises(error, match="beta"):
         sketch_model(model, [(x, y)], layers=["fc1"], m=8, beta=beta)
     assert all_forward_hooks(model) == 0
 
@@ -822,3 +866,335 @@ def test_non_finite_gradients_name_layer_and_batch():
     message = str(info.value)
     assert "'fc1'" in message and "batch 0" in message and "gradients" in message
     assert all_forward_hooks(model) == 0
+
+
+# --------------------------------------------------------------------------- threads
+
+def test_two_threads_sketching_one_model_run_one_at_a_time():
+    # Without serialisation each call's hooks also fire on the other thread's forward
+    # passes ("called twice", or another batch's features) and one call may save the
+    # other's eval flags as the ones to restore.
+    model = make_mlp(9)
+    flags = mixed_mode_flags(model)
+    x, y = mlp_data(12, seed=9)
+    pause = model.fc2.register_forward_pre_hook(lambda module, inputs: time.sleep(0.002))
+    settings = dict(layers=["fc1", "fc2"], m=16, seed=4, dtype=torch.float64, progress=False)
+    expected = sketch_model(model, batches(x, y, 3), **settings)
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(4):
+                results.append(sketch_model(model, batches(x, y, 3), **settings))
+        except Exception as error:      # collected: an exception in a thread would be lost
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    pause.remove()
+    assert errors == []
+    assert len(results) == 12
+    for rep in results:
+        assert_same_rep(expected, rep, ["fc1", "fc2"])
+    assert {n: mod.training for n, mod in model.named_modules()} == flags
+    assert all_forward_hooks(model) == 0
+
+
+# --------------------------------------------------------------------------- odd input
+
+def test_empty_batches_mid_stream_are_skipped():
+    model = make_cnn(2)
+    x, y = cnn_data(10, seed=4)
+    names = ["conv1", "conv2"]
+    settings = dict(layers=names, m=16, seed=2, dtype=torch.float64)
+    expected = sketch_model(model, [(x[:4], y[:4]), (x[4:], y[4:])], **settings)
+    with_empty = sketch_model(model, [(x[:0], y[:0]), (x[:4], y[:4]), (x[4:4], y[4:4]),
+                                      (x[4:], y[4:])], **settings)
+    assert_same_rep(expected, with_empty, names)
+    idx = torch.arange(10)
+    indexed = sketch_model(model, [{"x": x[:6], "index": idx[:6]}, {"x": x[:0], "index": idx[:0]},
+                                   {"x": x[6:], "index": idx[6:]}], **settings)
+    for name in names:
+        torch.testing.assert_close(indexed.layers[name].sketch_f, expected.layers[name].sketch_f,
+                                   **TOL)
+    with pytest.raises(ValueError, match="no samples"):
+        sketch_model(model, [(x[:0], y[:0])], **settings)
+
+
+def test_numpy_scalars_work_like_python_numbers():
+    model = make_mlp()
+    x, y = mlp_data(12)
+    numpy_settings = dict(m=np.int64(16), seed=np.int64(3), beta=np.float32(0.5),
+                          sparsity=np.int64(2), max_batches=np.int64(3), psi_dim=np.int64(32))
+    python_settings = dict(m=16, seed=3, beta=0.5, sparsity=2, max_batches=3, psi_dim=32)
+    a = sketch_model(model, batches(x, y, 3), layers=["fc1"], dtype=torch.float64, **numpy_settings)
+    b = sketch_model(model, batches(x, y, 3), layers=["fc1"], dtype=torch.float64, **python_settings)
+    assert_same_rep(b, a, ["fc1"])
+    assert type(a.meta["beta"]) is float and (a.m, a.seed, a.sparsity) == (16, 3, 2)
+    assert type(a.m) is int and a.n == 9
+
+
+@pytest.mark.parametrize("layers, error, match", [
+    ([], ValueError, "layers is empty"),
+    ([0], TypeError, "layers must hold module names"),
+    (["fc1", 3], TypeError, "layers must hold module names"),
+    (7, TypeError, "layers must be a list"),
+])
+def test_layers_that_are_not_names(layers, error, match):
+    model = make_mlp()
+    x, y = mlp_data(4)
+    with pytest.raises(error, match=match):
+        sketch_model(model, [(x, y)], layers=layers, m=8)
+    assert all_forward_hooks(model) == 0
+
+
+@pytest.mark.parametrize("data, match", [
+    (torch.randn(6, 5, dtype=torch.float64), "single tensor of shape \\(6, 5\\)"),
+    ({"x": torch.randn(6, 5, dtype=torch.float64)}, "pass \\[batch\\]"),
+    (5, "iterable of batches"),
+])
+def test_data_that_is_not_a_stream_of_batches(data, match):
+    with pytest.raises(TypeError, match=match):
+        sketch_model(make_mlp(), data, layers=["fc1"], m=8)
+
+
+def test_dict_batch_without_x_is_passed_as_keyword_arguments():
+    class Keywords(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_mlp()
+
+        def forward(self, features, scale):
+            return self.net(features * scale)
+
+    x, y = mlp_data(8)
+    model = Keywords()
+    plain = sketch_model(model.net, [(2 * x, y)], layers=["fc1"], m=8, target="labels",
+                         dtype=torch.float64)
+    rep = sketch_model(model, [{"features": x, "scale": 2.0, "labels": y, "index": torch.arange(8)}],
+                       layers=["net.fc1"], m=8, target="labels", dtype=torch.float64)
+    torch.testing.assert_close(rep.layers["net.fc1"].sketch_g, plain.layers["fc1"].sketch_g, **TOL)
+    with pytest.raises(ValueError, match="takes no argument 'extra'"):
+        sketch_model(model, [{"features": x, "scale": 2.0, "extra": x}], layers=["net.fc1"], m=8)
+
+
+# --------------------------------------------------------------------------- autograd off
+
+def test_sketching_under_inference_mode():
+    model = make_mlp()
+    x, y = mlp_data(8)
+    expected = sketch_model(model, [(x, y)], layers=["fc1", "fc2"], m=8, dtype=torch.float64)
+    with torch.inference_mode():
+        inference_x = x.clone()
+        rep = sketch_model(model, [(inference_x, y)], layers=["fc1", "fc2"], m=8,
+                           dtype=torch.float64)
+        assert torch.is_inference_mode_enabled()
+    assert_same_rep(expected, rep, ["fc1", "fc2"])
+    assert not rep.layers["fc1"].sketch_f.is_inference()
+    rep.update({"fc1": torch.ones(1, 8, dtype=torch.float64), "fc2": torch.ones(1, 6, dtype=torch.float64)},
+               {"fc1": torch.ones(1, 8, dtype=torch.float64), "fc2": torch.ones(1, 6, dtype=torch.float64)})
+
+
+def test_model_made_under_inference_mode_says_what_to_do():
+    with torch.inference_mode():
+        model = make_mlp()
+    x, y = mlp_data(5)
+    with pytest.raises(RuntimeError, match="inference_mode") as info:
+        sketch_model(model, [(x, y)], layers=["fc1"], m=8)
+    assert "gradients=False" in str(info.value) and "element 0" not in str(info.value)
+    features = sketch_model(model, [(x, y)], layers=["fc1"], m=8, gradients=False,
+                            dtype=torch.float64)
+    f = F.linear(x, model.fc1.weight, model.fc1.bias)
+    torch.testing.assert_close(features.layers["fc1"].sketch_f, dense_sketch(5, 8, 0) @ f, **TOL)
+
+
+class NoGradHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(5, 6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        with torch.no_grad():
+            return self.head(h)
+
+
+def test_no_grad_head_says_what_is_wrong_and_what_to_do():
+    torch.manual_seed(0)
+    model = NoGradHead().double()
+    model.train()
+    x, y = mlp_data(5)
+    with pytest.raises(RuntimeError) as info:
+        sketch_model(model, [(x, y)], layers=["body"], m=8)
+    message = str(info.value)
+    assert "does not require grad" in message and "no_grad" in message
+    assert "gradients=False" in message and "element 0" not in message
+    assert all_forward_hooks(model) == 0 and model.training
+    rep = sketch_model(model, [(x, y)], layers=["body"], m=8, gradients=False)
+    assert rep.n == 5 and rep.options["gradients"] is False
+
+
+class SideBranch(nn.Module):
+    """``side`` runs on every batch but its output never reaches the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 6)
+        self.side = nn.Linear(5, 3)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        self.last_side = self.side(x)
+        return self.head(torch.tanh(self.fc1(x)))
+
+
+def test_a_layer_with_identically_zero_gradients_gets_a_warning():
+    torch.manual_seed(1)
+    model = SideBranch().double()
+    x, y = mlp_data(9)
+    with pytest.warns(RuntimeWarning, match="identically zero") as record:
+        rep = sketch_model(model, batches(x, y, 4), layers=["fc1", "side"], m=8)
+    message = str(record[0].message)
+    assert "'side'" in message and "'fc1'" not in message
+    assert float(rep.layers["side"].sketch_g.abs().max()) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sketch_model(model, batches(x, y, 4), layers=["fc1"], m=8)
+
+
+class GradModeRecorder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_mlp()
+        self.grad_modes: List[bool] = []
+
+    def forward(self, x):
+        self.grad_modes.append(torch.is_grad_enabled())
+        return self.net(x)
+
+
+def test_features_only_runs_no_backward_and_keeps_no_graph():
+    model = GradModeRecorder()
+    x, y = mlp_data(10)
+    names = ["net.fc1", "net.act1", "net.fc3"]
+    rep = sketch_model(model, batches(x, y, 4), layers=names, m=16, seed=2, gradients=False,
+                       dtype=torch.float64)
+    assert model.grad_modes == [False, False, False]
+    assert rep.options == {"gradients": False, "psi_dim": 0, "product": False,
+                           "mean_embedding": False}
+    assert rep.meta["beta"] is None and rep.meta["target"] is None
+    S = dense_sketch(10, 16, 2)
+    for name in names:
+        stages, cut = model.net.stages()[name.split(".")[1]]
+        f, _ = reference_layer(stages, cut, x)
+        torch.testing.assert_close(rep.layers[name].sketch_f, S @ f, **TOL)
+        assert set(rep.layers[name].tensors()).isdisjoint({"sketch_g", "sum_g"})
+    # act1 is an in-place ReLU on fc1's output: fc1's features must be the pre-activation.
+    assert bool((rep.layers["net.fc1"].sketch_f != rep.layers["net.act1"].sketch_f).any())
+    with pytest.raises(ValueError, match="gradients"):
+        sketch_model(model, batches(x, y, 4), layers=names, m=16, gradients=False, product=True)
+
+
+# --------------------------------------------------------------------------- exact_model
+
+class StandIn:
+    """The ``ExactRepresentation`` protocol, recording what it is fed."""
+
+    instances: List["StandIn"] = []
+
+    def __init__(self, *, dtype=torch.float32, device=None, max_rows=20000, storage=None,
+                 meta=None) -> None:
+        self.arguments = dict(dtype=dtype, device=device, max_rows=max_rows, storage=storage)
+        self.meta = dict(meta or {})
+        self.batches: List[Dict] = []
+        self.n = 0
+        self.closed = False
+        StandIn.instances.append(self)
+
+    def update(self, features, gradients=None, *, rows=None, feature_shapes=None, label=""):
+        self.batches.append(dict(features=features, gradients=gradients, rows=rows,
+                                 shapes=feature_shapes, label=label))
+        self.n += next(iter(features.values())).shape[0]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_exact_model_feeds_the_exact_protocol(monkeypatch):
+    # Works whether or not nnsim_fast.exact is importable: exact_model imports it when called.
+    stand_in_module = types.ModuleType("nnsim_fast.exact")
+    stand_in_module.ExactRepresentation = StandIn
+    monkeypatch.setitem(sys.modules, "nnsim_fast.exact", stand_in_module)
+    StandIn.instances.clear()
+    model = make_cnn(3)
+    x, y = cnn_data(7, seed=5)
+    idx = torch.tensor([9, 2, 5, 0, 7, 1, 3])
+    data = [{"x": x[:4], "y": y[:4], "index": idx[:4]}, {"x": x[4:], "y": y[4:], "index": idx[4:]}]
+    rep = exact_model(model, data, layers=["bn", "fc"], spatial="mean", max_rows=50,
+                      storage="somewhere", dtype=torch.float64)
+    assert rep.arguments == dict(dtype=torch.float64, device=None, max_rows=50, storage="somewhere")
+    assert rep.meta == {"beta": 0.5, "target": "expected", "spatial": "mean", "tokens": "mean",
+                        "layers": ["bn", "fc"]}
+    assert [b["label"] for b in rep.batches] == ["batch 0", "batch 1"]
+    assert torch.equal(torch.cat([b["rows"] for b in rep.batches]), idx)
+    assert rep.batches[0]["shapes"] == {"bn": (3, 5, 5), "fc": (3,)}
+    f_all = torch.cat([b["features"]["bn"] for b in rep.batches])
+    g_all = torch.cat([b["gradients"]["bn"] for b in rep.batches])
+    stages, cut = model.stages()["bn"]
+    h, grad = reference_layer(stages, cut, x)
+    torch.testing.assert_close(f_all, h.mean(dim=(2, 3)), **TOL)
+    torch.testing.assert_close(g_all, grad.sum(dim=(2, 3)), **TOL)
+    features_only = exact_model(model, data, layers=["bn"], gradients=False)
+    assert all(b["gradients"] is None for b in features_only.batches)
+    # A failing pass closes the exact representation (its files go away).
+    with pytest.raises(ValueError, match="labels"):
+        exact_model(model, [x[:3]], layers=["bn"], target="labels")
+    assert StandIn.instances[-1].closed
+
+
+def test_exact_model_rows_equal_features_and_gradients():
+    exact = pytest.importorskip("nnsim_fast.exact", reason="nnsim_fast.exact is not available")
+    model = make_mlp(4)
+    x, y = mlp_data(11, seed=4)
+    names = ["fc1", "fc3"]
+    rep = exact_model(model, batches(x, y, 4), layers=names, dtype=torch.float64)
+    try:
+        reference = features_and_gradients(model, x, names, batch=5)
+        for name in names:
+            f, g = reference[name]
+            K = exact.exact_kernel(rep, name, kind="hadamard", centered=False)
+            torch.testing.assert_close(K, (f @ f.T) * (g @ g.T), **TOL)
+            stages, cut = model.stages()[name]
+            f_ref, g_ref = reference_layer(stages, cut, x)
+            torch.testing.assert_close(f, f_ref, **TOL)
+            torch.testing.assert_close(g, g_ref, **TOL)
+    finally:
+        rep.close()
+
+
+class CountingData:
+    """An iterable of batches that counts how often it is iterated and how far."""
+
+    def __init__(self, batches) -> None:
+        self.batches, self.iterations, self.pulled = batches, 0, 0
+
+    def __iter__(self):
+        self.iterations += 1
+        for batch in self.batches:
+            self.pulled += 1
+            yield batch
+
+
+def test_data_is_iterated_once_and_no_further_than_needed():
+    model = make_mlp()
+    x, y = mlp_data(12)
+    data = CountingData(batches(x, y, 3))
+    sketch_model(model, data, layers=["fc1"], m=8)
+    assert (data.iterations, data.pulled) == (1, 4)
+    limited = CountingData(batches(x, y, 3))
+    rep = sketch_model(model, limited, layers=["fc1"], m=8, max_batches=2)
+    assert (limited.iterations, limited.pulled, rep.n) == (1, 2, 6)

@@ -284,3 +284,34 @@ def test_indexed_dataset_without_labels_sketches(setting, sorted_indexed):
                                    generator=torch.Generator().manual_seed(0)))
     assert_same(sorted_indexed, rep)
 
+
+
+def test_indexed_dataset_adds_the_index_to_dict_items(setting, sorted_indexed):
+    # Hugging Face-style datasets yield dicts of model keyword arguments and labels.
+    model, x, y = setting
+
+    class Keywords(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, inputs_embeds):
+            return self.inner(inputs_embeds)
+
+    class DictItems(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return N
+
+        def __getitem__(self, i):
+            return {"inputs_embeds": x[i], "labels": y[i]}
+
+    item = IndexedDataset(DictItems())[7]
+    assert set(item) == {"inputs_embeds", "labels", "index"} and item["index"] == 7
+    loader = DataLoader(IndexedDataset(DictItems()), batch_size=11, shuffle=True,
+                        generator=torch.Generator().manual_seed(3))
+    rep = sketch_model(Keywords(model), loader, layers=["inner.fc1", "inner.fc2"], m=M, seed=SEED,
+                       beta=BETA, dtype=torch.float64, progress=False)
+    assert rep.row_keys == "index" and rep.row_intervals == [[0, N]]
+    for name in LAYERS:
+        torch.testing.assert_close(rep.layers[f"inner.{name}"].sketch_g,
+                                   sorted_indexed.layers[name].sketch_g, **TOL)

@@ -9,6 +9,7 @@ are checked bit for bit.
 """
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -461,8 +462,9 @@ def test_strided_inputs_equal_contiguous(dtype, torch_generator):
             assert torch.equal(accs[0], accs[2]) and torch.equal(accs[1], accs[3]), name
     grad_views = strided_views(m, d, dtype, torch_generator)
     for name, grad_y in grad_views.items():
-        assert torch.equal(NATIVE.countsketch_backward(grad_y, n, seed, offset, sparsity, None),
-                           NATIVE.countsketch_backward(grad_y.contiguous(), n, seed, offset, sparsity, None)), name
+        strided = NATIVE.countsketch_backward(grad_y, n, seed, offset, sparsity, None)
+        dense = NATIVE.countsketch_backward(grad_y.contiguous(), n, seed, offset, sparsity, None)
+        assert torch.equal(strided, dense), name
     a = torch.randn(3, 7, 40, generator=torch_generator).to(dtype).transpose(1, 2)  # [3, 40, 7]
     b = torch.randn(40, 6, 3, generator=torch_generator).to(dtype).permute(2, 0, 1)  # [3, 40, 6]
     assert torch.equal(ops.hadamard_gram(a, b), ops.hadamard_gram(a.contiguous(), b.contiguous()))
@@ -641,10 +643,15 @@ def _opcheck_samples():
                         (randn(6, 3, dtype=torch.float64, grad=True), 8, 1, 2**40, 4, rows, True),
                         (randn(6, 2, dtype=torch.bfloat16), 5, 0, 0, 1, None, False)],
         "countsketch_pair": [(randn(6, 3, grad=True), randn(6, 2, grad=True), 8, 1, 0, 2, None, False),
-                             (randn(6, 1, dtype=torch.float64, grad=True), randn(6, 4, dtype=torch.float64, grad=True), 4, 9, 3, 1, rows, False),
-                             (randn(6, 2, dtype=torch.float16), randn(6, 2, dtype=torch.float16), 2, 0, 0, 2, None, True)],
-        "countsketch_pair_": [(torch.zeros(8, 3), torch.ones(8, 2), randn(6, 3), randn(6, 2), 1, 0, 2, None, False),
-                              (torch.zeros(4, 2, dtype=torch.float64), torch.zeros(4, 1, dtype=torch.float64), randn(6, 2, dtype=torch.float16), randn(6, 1, dtype=torch.float16), 3, 7, 4, rows, True)],
+                             (randn(6, 1, dtype=torch.float64, grad=True),
+                              randn(6, 4, dtype=torch.float64, grad=True), 4, 9, 3, 1, rows, False),
+                             (randn(6, 2, dtype=torch.float16), randn(6, 2, dtype=torch.float16),
+                              2, 0, 0, 2, None, True)],
+        "countsketch_pair_": [(torch.zeros(8, 3), torch.ones(8, 2), randn(6, 3), randn(6, 2),
+                               1, 0, 2, None, False),
+                              (torch.zeros(4, 2, dtype=torch.float64),
+                               torch.zeros(4, 1, dtype=torch.float64), randn(6, 2, dtype=torch.float16),
+                               randn(6, 1, dtype=torch.float16), 3, 7, 4, rows, True)],
         "countsketch_backward": [(randn(8, 3), 6, 1, 0, 2, None),
                                  (randn(4, 2, dtype=torch.float64), 6, 5, 2**33, 4, rows),
                                  (randn(3, 2, dtype=torch.bfloat16), 0, 5, 0, 1, None)],
@@ -904,6 +911,12 @@ def test_bad_data_is_named(call, error, message):
 
 
 R6 = torch.arange(6)
+
+
+def _pair_(acc_f, acc_g, seed, offset, sparsity):
+    """The raw in-place op on the shared X, G inputs (for the table of bad arguments)."""
+    return NATIVE.countsketch_pair_(acc_f, acc_g, X, G, seed, offset, sparsity, None, False)
+
 BAD_NATIVE = [
     ("x rank", lambda: NATIVE.countsketch(torch.randn(6), 4, 0, 0, 1, None, False), "x must be a 2-D"),
     ("x int", lambda: NATIVE.countsketch(torch.ones(6, 3, dtype=torch.int32), 4, 0, 0, 1, None, False),
@@ -926,12 +939,18 @@ BAD_NATIVE = [
      "same number of rows"),
     ("pair dtype", lambda: NATIVE.countsketch_pair(X, G.double(), 4, 0, 0, 1, None, False),
      "same dtype"),
-    ("acc shape", lambda: NATIVE.countsketch_pair_(torch.zeros(4, 2), torch.zeros(4, 2), X, G, 0, 0, 1, None, False), "acc_f must have shape"),
-    ("acc dtype", lambda: NATIVE.countsketch_pair_(torch.zeros(4, 3), torch.zeros(4, 2).half(), X, G, 0, 0, 1, None, False), "acc_g must be float32"),
-    ("acc strided", lambda: NATIVE.countsketch_pair_(torch.zeros(3, 4).t(), torch.zeros(4, 2), X, G, 0, 0, 1, None, False), "acc_f must be contiguous"),
-    ("acc m", lambda: NATIVE.countsketch_pair_(torch.zeros(4, 3), torch.zeros(5, 2), X, G, 0, 0, 1, None, False), "same m"),
-    ("acc empty m", lambda: NATIVE.countsketch_pair_(torch.zeros(0, 3), torch.zeros(0, 2), X, G, 0, 0, 1, None, False), "m must be in"),
-    ("acc sparsity", lambda: NATIVE.countsketch_pair_(torch.zeros(6, 3), torch.zeros(6, 2), X, G, 0, 0, 4, None, False), "must divide m"),
+    ("acc shape", lambda: _pair_(torch.zeros(4, 2), torch.zeros(4, 2), 0, 0, 1),
+     "acc_f must have shape"),
+    ("acc dtype", lambda: _pair_(torch.zeros(4, 3), torch.zeros(4, 2).half(), 0, 0, 1),
+     "acc_g must be float32"),
+    ("acc strided", lambda: _pair_(torch.zeros(3, 4).t(), torch.zeros(4, 2), 0, 0, 1),
+     "acc_f must be contiguous"),
+    ("acc m", lambda: _pair_(torch.zeros(4, 3), torch.zeros(5, 2), 0, 0, 1),
+     "same m"),
+    ("acc empty m", lambda: _pair_(torch.zeros(0, 3), torch.zeros(0, 2), 0, 0, 1),
+     "m must be in"),
+    ("acc sparsity", lambda: _pair_(torch.zeros(6, 3), torch.zeros(6, 2), 0, 0, 4),
+     "must divide m"),
     ("backward n", lambda: NATIVE.countsketch_backward(torch.randn(4, 3), -1, 0, 0, 1, None),
      "n must be >= 0"),
     ("backward rank", lambda: NATIVE.countsketch_backward(torch.randn(4), 6, 0, 0, 1, None),
@@ -1057,3 +1076,56 @@ def test_raw_ops_take_the_documented_defaults(torch_generator):
     grad_y = torch.randn(8, 3, generator=torch_generator)
     S = ops.sketch_matrix(50, 8, 1, dtype=torch.float32)
     torch.testing.assert_close(raw.countsketch_backward(grad_y, n=50, seed=1), S.t() @ grad_y)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (1, 300, 2, 3)], ids=["small", "blocked"])
+def test_hadamard_gram_gradients(shape):
+    # gradcheck feeds random (non-symmetric) upstream gradients, so a backward
+    # that assumed a symmetric G would fail here; gradgradcheck covers the
+    # backward's own derivative.  Float64 inputs that require grad.
+    batch, m, da, db = shape
+    gen = torch.Generator().manual_seed(m)
+    a = torch.randn(batch, m, da, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(batch, m, db, generator=gen, dtype=torch.float64, requires_grad=True)
+    if m <= 8:      # gradcheck costs one backward per output element
+        assert torch.autograd.gradcheck(ops.hadamard_gram, (a, b))
+        assert torch.autograd.gradgradcheck(ops.hadamard_gram, (a, b))
+    # And against the reference's autograd with an explicitly non-symmetric weight.
+    weight = torch.randn(batch, m, m, generator=gen, dtype=torch.float64)
+    (ops.hadamard_gram(a, b) * weight).sum().backward()
+    grad_a, grad_b = a.grad.clone(), b.grad.clone()
+    a.grad = b.grad = None
+    (ops.reference_hadamard_gram(a, b) * weight).sum().backward()
+    torch.testing.assert_close(grad_a, a.grad)
+    torch.testing.assert_close(grad_b, b.grad)
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_every_cpu_code_path_gives_the_same_bits(capability):
+    # The scatter loop is compiled for several instruction sets; the environment
+    # variable selects a lower one in a fresh process.  Bits must not change.
+    script = (
+        "import torch, nnsim_fast\n"
+        "from nnsim_fast import ops, _C\n"
+        "gen = torch.Generator().manual_seed(5)\n"
+        "f = torch.randn(3000, 37, generator=gen); g = torch.randn(3000, 5, generator=gen)\n"
+        "rows = torch.randint(0, 2**40, (3000,), generator=gen)\n"
+        "outs = [*ops.countsketch_pair(f, g, 64, 9, rows=rows),\n"
+        "        *ops.countsketch_pair(f.double(), g.double(), 64, 9, 3, 4)]\n"
+        "torch.save([_C.cpu_capability(), outs], __import__('sys').argv[1])\n")
+    import subprocess
+    import sys
+    import tempfile
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("native", capability):
+            env = dict(os.environ)
+            env.pop("NNSIM_FAST_CPU_CAPABILITY", None)
+            if name != "native":
+                env["NNSIM_FAST_CPU_CAPABILITY"] = name
+            path = os.path.join(tmp, f"{name}.pt")
+            subprocess.run([sys.executable, "-c", script, path], env=env, check=True)
+            results[name] = torch.load(path)
+    assert results[capability][0] == capability
+    for native, lower in zip(results["native"][1], results[capability][1]):
+        assert torch.equal(native, lower)

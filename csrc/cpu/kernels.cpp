@@ -11,12 +11,15 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <array>
 #include <vector>
@@ -86,23 +89,63 @@ Split make_split(int64_t m, int64_t df, int64_t dg) {
   return {ranges, col_tiles};
 }
 
-// The inner loop out += v * x, compiled for several instruction sets and
-// picked at load time (GCC function multiversioning), so one build runs
-// everywhere and uses AVX2/AVX-512 where present.  -ffp-contract=off keeps
-// the multiply and the add separately rounded in every clone, so every clone
-// gives the same bits.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define NNSIM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define NNSIM_CLONES
-#endif
-
-NNSIM_CLONES void axpy(float* __restrict out, const float* __restrict x, float v, int64_t n) {
+// The inner loop out += v * x, compiled for several instruction sets; one is
+// picked at load time from what the CPU supports, or from the environment
+// variable NNSIM_FAST_CPU_CAPABILITY (avx512 | avx2 | default) so that tests
+// can run every version on one machine.  -ffp-contract=off keeps the multiply
+// and the add separately rounded in every version, so all give the same bits.
+template <typename T>
+inline void axpy_loop(T* __restrict out, const T* __restrict x, T v, int64_t n) {
   for (int64_t c = 0; c < n; ++c) out[c] += v * x[c];
 }
 
-NNSIM_CLONES void axpy(double* __restrict out, const double* __restrict x, double v, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) out[c] += v * x[c];
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define NNSIM_X86_VERSIONS 1
+template <typename T>
+__attribute__((target("avx512f"))) void axpy_avx512(T* __restrict out, const T* __restrict x,
+                                                     T v, int64_t n) {
+  axpy_loop(out, x, v, n);
+}
+template <typename T>
+__attribute__((target("avx2"))) void axpy_avx2(T* __restrict out, const T* __restrict x, T v,
+                                                int64_t n) {
+  axpy_loop(out, x, v, n);
+}
+#endif
+
+enum class Capability { kDefault, kAvx2, kAvx512 };
+
+Capability detect_capability() {
+  Capability best = Capability::kDefault;
+#ifdef NNSIM_X86_VERSIONS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2")) best = Capability::kAvx2;
+  if (__builtin_cpu_supports("avx512f")) best = Capability::kAvx512;
+#endif
+  const char* asked = std::getenv("NNSIM_FAST_CPU_CAPABILITY");
+  if (asked == nullptr) return best;
+  const std::string name(asked);
+  const Capability wanted = name == "avx512" ? Capability::kAvx512
+                            : name == "avx2" ? Capability::kAvx2
+                                             : Capability::kDefault;
+  return std::min(best, wanted);  // never a version the CPU cannot run
+}
+
+Capability capability() {
+  static const Capability chosen = detect_capability();
+  return chosen;
+}
+
+template <typename T>
+void axpy(T* __restrict out, const T* __restrict x, T v, int64_t n) {
+#ifdef NNSIM_X86_VERSIONS
+  switch (capability()) {
+    case Capability::kAvx512: return axpy_avx512(out, x, v, n);
+    case Capability::kAvx2: return axpy_avx2(out, x, v, n);
+    default: break;
+  }
+#endif
+  axpy_loop(out, x, v, n);
 }
 
 template <typename in_t, typename acc_t>
@@ -358,9 +401,12 @@ void mirror_upper(scalar_t* tile, int64_t rows, int64_t stride) {
 // GEMM over the pool.  So the bits are the same for any thread count.
 at::Tensor hadamard_gram_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   check_gram_inputs(a_in, b_in);
+  // The op's backward is registered separately, so no graph is wanted in here;
+  // detached inputs keep the out= GEMMs below legal on inputs that require grad,
+  // also in the pool's threads, whose grad mode is not the caller's.
   const auto dtype = accumulate_dtype(a_in.scalar_type());
-  const at::Tensor a = a_in.to(dtype).contiguous();
-  const at::Tensor b = b_in.to(dtype).contiguous();
+  const at::Tensor a = a_in.detach().to(dtype).contiguous();
+  const at::Tensor b = b_in.detach().to(dtype).contiguous();
   const int64_t batch = a.size(0);
   const int64_t m = a.size(1);
   at::Tensor out = at::empty({batch, m, m}, a.options());
@@ -374,6 +420,7 @@ at::Tensor hadamard_gram_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const int64_t count = static_cast<int64_t>(tasks.size());
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "hadamard_gram", [&] {
     at::parallel_for(0, std::max<int64_t>(count, 2), 1, [&](int64_t lo, int64_t hi) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain kernels, no autograd
       for (int64_t t = lo; t < std::min(hi, count); ++t) {
         const auto [k, bi, bj] = tasks[t];
         const int64_t r0 = bi * block, rn = std::min(block, m - r0);
@@ -395,6 +442,15 @@ at::Tensor hadamard_gram_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
 }
 
 }  // namespace
+
+const char* cpu_capability_name() {
+  switch (capability()) {
+    case Capability::kAvx512: return "avx512";
+    case Capability::kAvx2: return "avx2";
+    default: return "default";
+  }
+}
+
 }  // namespace nnsim
 
 TORCH_LIBRARY_IMPL(nnsim_fast, CPU, m) {

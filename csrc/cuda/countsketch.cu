@@ -17,10 +17,11 @@
 // bucket (8 bits a pass, per-tile histograms, an exclusive scan, and a scatter
 // whose in-tile ranks follow entry order), so each bucket lists its rows in
 // row order.  Each bucket's list is cut into pieces of fixed length; a thread
-// sums one piece of one column in list order, and pieces of one bucket are
-// then added in piece order.  Every cut and every order depends only on the
-// sizes, so the bits are the same on every run.  All counts and offsets are
-// int64; nothing is limited to 2^31 entries.
+// sums one piece of one column in list order, and the pieces of one bucket are
+// then added by a tree of fixed fan-in, one level per launch.  Every cut, every
+// tree and every order depends only on the sizes and the hash, so the bits are
+// the same on every run.  All counts and offsets are int64; nothing is limited
+// to 2^31 entries.
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -653,25 +654,78 @@ __global__ void __launch_bounds__(kReduceThreads)
   }
 }
 
-// Adds the partial sums of multi-piece buckets in piece order.
-template <typename A>
+// The partial sums of a bucket of c > 1 pieces sit in its c slots, in piece
+// order.  They are added by a tree of fan-in kCombineFanIn, one launch per
+// level: at the level of stride S the live values of a bucket are slots
+// 0, S, 2S, ... (relative to its first slot); group g adds live values
+// gK .. gK + K - 1 in that order and leaves the sum in the group's first slot,
+// or adds it to the output when the bucket has one group left.  Groups touch
+// disjoint slots, so the level needs no atomics, and the tree's shape depends
+// on c alone: the same bits on every run, whatever the scheduling.  A serial
+// sum over the pieces would leave only m * cols threads to add c values each:
+// at small m (every row in a few buckets) that tail outlasted the scatter.
+constexpr int64_t kCombineFanIn = 32;
+
+// Groups of every bucket at the level of stride `stride`; buckets already
+// reduced to one value (or never split) have none.  Entry m is zeroed so that
+// the exclusive scan ends with the total.
 __global__ void __launch_bounds__(kThreads)
-    combine_pieces_kernel(const __grid_constant__ ReduceParams p) {
+    combine_group_count_kernel(const int64_t* slot_start, int64_t m, int64_t stride,
+                               int64_t* groups) {
+  const int64_t step = int64_t(gridDim.x) * kThreads;
+  for (int64_t b = int64_t(blockIdx.x) * kThreads + threadIdx.x; b <= m; b += step) {
+    int64_t count = 0;
+    if (b < m) {
+      const int64_t live = ceil_div(slot_start[b + 1] - slot_start[b], stride);
+      count = live > 1 ? ceil_div(live, kCombineFanIn) : 0;
+    }
+    groups[b] = count;
+  }
+}
+
+// One level of the tree: a block per group (grid-stride), threads over columns.
+template <typename A>
+__global__ void __launch_bounds__(kReduceThreads)
+    combine_level_kernel(const __grid_constant__ ReduceParams p, const int64_t* group_start,
+                         int64_t stride) {
+  const int64_t total_groups = group_start[p.m];
   const int64_t cols = p.df + p.dg;
-  const int64_t total = p.m * cols;
-  const A* partial = static_cast<const A*>(p.partial);
-  const int64_t stride = int64_t(gridDim.x) * kThreads;
-  for (int64_t idx = int64_t(blockIdx.x) * kThreads + threadIdx.x; idx < total; idx += stride) {
-    const int64_t bucket = idx / cols;
-    const int64_t col = idx - bucket * cols;
-    const int64_t pieces = p.piece_start[bucket + 1] - p.piece_start[bucket];
-    if (pieces <= 1) continue;
-    const int64_t slot = p.slot_start[bucket];
-    A sum = partial[slot * cols + col];
-    for (int64_t q = 1; q < pieces; ++q) sum = sum + partial[(slot + q) * cols + col];
-    A* dst = col < p.df ? static_cast<A*>(p.out_f) + bucket * p.df + col
-                        : static_cast<A*>(p.out_g) + bucket * p.dg + (col - p.df);
-    *dst = *dst + sum;
+  A* partial = static_cast<A*>(p.partial);
+  for (int64_t item = blockIdx.x; item < total_groups; item += gridDim.x) {
+    int64_t lo = 0;
+    int64_t hi = p.m;  // group_start[lo] <= item < group_start[hi]
+    while (hi - lo > 1) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (group_start[mid] <= item) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    const int64_t bucket = lo;
+    const int64_t group = item - group_start[bucket];
+    const bool last_group = group_start[bucket + 1] - group_start[bucket] == 1;
+    const int64_t live = ceil_div(p.slot_start[bucket + 1] - p.slot_start[bucket], stride);
+    const int64_t first = group * kCombineFanIn;
+    const int64_t members = live - first < kCombineFanIn ? live - first : kCombineFanIn;
+    A* const head = partial + (p.slot_start[bucket] + first * stride) * cols;
+    const int64_t member_step = stride * cols;
+    for (int64_t col = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; col < cols;
+         col += int64_t(gridDim.y) * blockDim.x) {
+      const A* src = head + col;
+      A sum = *src;
+      for (int64_t j = 1; j < members; ++j) {
+        src += member_step;
+        sum = sum + *src;
+      }
+      if (last_group) {
+        A* dst = col < p.df ? static_cast<A*>(p.out_f) + bucket * p.df + col
+                            : static_cast<A*>(p.out_g) + bucket * p.dg + (col - p.df);
+        *dst = *dst + sum;
+      } else {
+        head[col] = sum;
+      }
+    }
   }
 }
 
@@ -910,8 +964,10 @@ struct DeterministicLayout {
   int64_t piece_length = kMinPieceLength;
   int64_t max_pieces = 0;
   int64_t max_slots = 0;
-  size_t counts = 0, pieces = 0, slots = 0, scan_sums = 0, hist = 0, sorted0 = 0, sorted1 = 0,
-         partial = 0, total = 0;
+  // Most pieces one bucket can have: the combine tree needs levels for this many.
+  int64_t max_bucket_pieces = 0;
+  size_t counts = 0, pieces = 0, slots = 0, groups = 0, scan_sums = 0, hist = 0, sorted0 = 0,
+         sorted1 = 0, partial = 0, total = 0;
 };
 
 size_t align256(size_t x) { return (x + 255) / 256 * 256; }
@@ -932,6 +988,7 @@ DeterministicLayout deterministic_layout(const CountSketchArgs& a) {
   l.max_pieces = ceil_div(l.entries, l.piece_length) + nonempty;
   // A bucket of c > L entries has ceil(c / L) < 2c / L pieces.
   l.max_slots = ceil_div(2 * l.entries, l.piece_length);
+  l.max_bucket_pieces = ceil_div(l.entries, l.piece_length);
   const size_t index_bytes = sizeof(int64_t) * static_cast<size_t>(a.m + 1);
   size_t at = 0;
   l.counts = at;
@@ -939,6 +996,8 @@ DeterministicLayout deterministic_layout(const CountSketchArgs& a) {
   l.pieces = at;
   at += align256(index_bytes);
   l.slots = at;
+  at += align256(index_bytes);
+  l.groups = at;
   at += align256(index_bytes);
   l.scan_sums = at;
   at += align256(sizeof(int64_t) * kScanMaxBlocks);
@@ -963,6 +1022,7 @@ cudaError_t launch_deterministic(const CountSketchArgs& args, void* workspace,
   int64_t* counts = reinterpret_cast<int64_t*>(ws + l.counts);
   int64_t* pieces = reinterpret_cast<int64_t*>(ws + l.pieces);
   int64_t* slots = reinterpret_cast<int64_t*>(ws + l.slots);
+  int64_t* groups = reinterpret_cast<int64_t*>(ws + l.groups);
   int64_t* scan_sums = reinterpret_cast<int64_t*>(ws + l.scan_sums);
   int64_t* hist = reinterpret_cast<int64_t*>(ws + l.hist);
   int64_t* sorted[2] = {reinterpret_cast<int64_t*>(ws + l.sorted0),
@@ -988,9 +1048,11 @@ cudaError_t launch_deterministic(const CountSketchArgs& args, void* workspace,
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
+  // Grid of the kernels that visit every bucket once (grid-stride).
+  const int64_t bucket_blocks =
+      ceil_div(m + 1, kThreads) < 4096 ? ceil_div(m + 1, kThreads) : 4096;
   {
-    const int64_t blocks = ceil_div(m + 1, kThreads) < 4096 ? ceil_div(m + 1, kThreads) : 4096;
-    piece_count_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+    piece_count_kernel<<<static_cast<unsigned>(bucket_blocks), kThreads, 0, stream>>>(
         counts, m, l.piece_length, pieces, slots);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -1050,12 +1112,28 @@ cudaError_t launch_deterministic(const CountSketchArgs& args, void* workspace,
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  {
-    int64_t blocks = 0;
-    err = resident_blocks(combine_pieces_kernel<A>, 0, ceil_div(m * cols, kThreads), blocks);
-    if (err != cudaSuccess) return err;
-    combine_pieces_kernel<A><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(rp);
+  for (int64_t stride = 1; stride < l.max_bucket_pieces; stride *= kCombineFanIn) {
+    combine_group_count_kernel<<<static_cast<unsigned>(bucket_blocks), kThreads, 0, stream>>>(
+        slots, m, stride, groups);
     err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    err = exclusive_scan(groups, m + 1, scan_sums, stream);
+    if (err != cudaSuccess) return err;
+    // The group count is on the device; size the grid by a bound.  A bucket
+    // of c > stride slots has at most c / (stride K) + 1 groups, and at most
+    // min(m, max_slots / (stride + 1)) buckets have that many slots.
+    int64_t active = l.max_slots / (stride + 1);
+    if (active > m) active = m;
+    const int64_t bound = ceil_div(l.max_slots, stride * kCombineFanIn) + active;
+    int64_t x = 0;
+    err = resident_blocks(combine_level_kernel<A>, 0, bound, x);
+    if (err != cudaSuccess) return err;
+    int64_t y = ceil_div(cols, kReduceThreads);
+    if (y > 65535) y = 65535;
+    combine_level_kernel<A><<<dim3(static_cast<unsigned>(x), static_cast<unsigned>(y)),
+                              kReduceThreads, 0, stream>>>(rp, groups, stride);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
   }
   return err;
 }

@@ -4,7 +4,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/min.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/intrusive_ptr.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -55,6 +57,46 @@ SketchHash hash_of(int64_t seed, int64_t m, int64_t sparsity) {
   return make_sketch_hash(static_cast<uint64_t>(seed), m, static_cast<int>(sparsity));
 }
 
+// Refuses negative dataset rows, as the CPU ops do.  The values live on the
+// device, so the check costs one small reduction and one wait of the host for
+// the current stream.  Two things keep that off the hot path: without `rows`
+// (stream-numbered rows) there is nothing to check, and a rows tensor that
+// passed is remembered, so the calls of one batch that share it (every layer's
+// sketch, the backward gather in the same thread) check it once.  The memory
+// is a weak reference to the tensor, which pins its address (no other tensor
+// can take it while we hold it), plus its version counter, which every
+// in-place write through torch bumps.  Writes that bypass torch (DLPack, raw
+// pointers) are not seen; a negative row let through is not unsafe, since
+// global rows wrap modulo 2^64 in every kernel, it only breaks the contract.
+// Inside CUDA graph capture no wait is allowed and a check would only see the
+// values at capture time, so none is made.
+void check_rows_non_negative(const std::optional<at::Tensor>& rows) {
+  if (!rows.has_value() || rows->numel() == 0) return;
+  const at::Tensor& r = *rows;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(current_stream(), &capture));
+  if (capture != cudaStreamCaptureStatusNone) return;
+  using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  struct Checked {
+    WeakTensor tensor{c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
+    uint32_t version = 0;
+  };
+  thread_local Checked last;
+  c10::TensorImpl* impl = r.unsafeGetTensorImpl();
+  // Inference tensors keep no version counter: they are checked every time.
+  const bool versioned = !r.is_inference();
+  if (versioned && last.tensor._unsafe_get_target() == impl &&
+      last.version == impl->version_counter().current_version()) {
+    return;
+  }
+  const int64_t smallest = r.min().item<int64_t>();
+  TORCH_CHECK_VALUE(smallest >= 0, "rows must be non-negative row indices, got ", smallest);
+  if (versioned) {
+    last.tensor = WeakTensor(r.getIntrusivePtr());
+    last.version = impl->version_counter().current_version();
+  }
+}
+
 // Keeps a contiguous copy of `rows` alive for the duration of the launch.
 cuda::RowIndex row_index(const std::optional<at::Tensor>& rows, int64_t offset,
                          at::Tensor& holder) {
@@ -73,6 +115,7 @@ void accumulate(const at::Tensor& acc_f, const at::Tensor* acc_g, const at::Tens
                 int64_t offset, int64_t sparsity, bool deterministic) {
   if (f.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(f.device());
+  check_rows_non_negative(rows);
   at::Tensor rows_holder;
   cuda::CountSketchArgs args;
   args.f = matrix_view(f);
@@ -147,6 +190,7 @@ at::Tensor countsketch_backward_cuda(const at::Tensor& grad_y, int64_t n, int64_
   check_sketch_args(m, seed, offset, sparsity);
   check_rows(rows, n, grad_y);
   const c10::cuda::CUDAGuard guard(grad_y.device());
+  check_rows_non_negative(rows);
   const at::Tensor gy = grad_y.contiguous();
   at::Tensor grad_x = at::empty({n, gy.size(1)}, gy.options());
   if (n == 0 || gy.size(1) == 0) return grad_x;
