@@ -38,14 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import harness  # first: it finds a checkout's nnsim_fast when none is installed
+import nnsim_fast
+from nnsim_fast import Representation, psi, similarity, sketch_model
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-try:
-    import nnsim_fast
-except ImportError:  # a checkout that is not installed
-    sys.path.insert(0, ROOT)
-    import nnsim_fast
-from nnsim_fast import Representation, bench, psi, similarity, sketch_model
 
 BETA = 0.5
 #: psi settings per architecture: the MLP's psi (d_f d_g <= 32^2) is kept exactly at every
@@ -237,7 +235,7 @@ def run(quick: bool, seeds: int, epochs: Optional[int], progress: bool = True) -
     data = load_data()
     x = data["x"]
     results: Dict[str, object] = {
-        "host": bench.host_info(), "quick": quick, "sizes": sizes, "seeds": seeds,
+        "host": harness.host_info(), "quick": quick, "sizes": sizes, "seeds": seeds,
         "n": int(x.shape[0]), "beta": BETA, "psi_settings": PSI_SETTINGS,
         "estimators": [{"label": label, "kind": kind, "centering": centering}
                        for kind, centering, label in ESTIMATORS],

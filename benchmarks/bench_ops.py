@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness import csr_sketch, index_add_sketch, scatter_add_sketch
 from nnsim_fast import ops
-from nnsim_fast.bench import csr_sketch, index_add_sketch, scatter_add_sketch
 
 SEED = 0
 # (n, d, m) of the sketch cases: ~100 MB of f and g at the largest.

@@ -21,9 +21,10 @@ import time
 import torch
 from torch import nn
 
+import harness  # noqa: F401  (first: it finds a checkout's nnsim_fast when none is installed)
 import nnsim_fast as nf
-from nnsim_fast.extract import (LayerProbe, _batch_statistics, default_output_fn, eval_mode,
-                                expected_gradient_objective)
+from nnsim_fast.extract import (Extraction, LayerProbe, batch_statistics, eval_mode,
+                                expected_gradient_objective, read_batch)
 
 
 def small_cnn() -> nn.Module:
@@ -58,11 +59,11 @@ LAYERS = ["0", "1", "2"]
 
 def extraction_only(model: nn.Module, data) -> float:
     """Hooks + one backward to the probed layers per batch, nothing sketched."""
+    extraction = Extraction.build(model, LAYERS)
     start = time.perf_counter()
     with eval_mode(model), LayerProbe(model, LAYERS) as probe, torch.enable_grad():
-        for index, x in enumerate(data):
-            _batch_statistics(model, probe, LAYERS, x, None, index, default_output_fn,
-                              "expected", None, 0.5, "flatten")
+        for x in data:
+            batch_statistics(model, probe, read_batch(x), extraction)
     return time.perf_counter() - start
 
 

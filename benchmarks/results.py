@@ -15,14 +15,10 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
+import harness
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-try:
-    from nnsim_fast import bench
-except ImportError:  # run from a checkout that is not installed
-    sys.path.insert(0, ROOT)
-    from nnsim_fast import bench
 
 
 def _display_path(path: str) -> str:
@@ -66,9 +62,9 @@ def code_version() -> Dict[str, object]:
 
 def _sizes_section(results: Dict[str, object]) -> str:
     config = results["config"]
-    sketch = ", ".join(f"({bench.count_text(n)}, {d}, {m})" for n, d, m in config["sizes"])
+    sketch = ", ".join(f"({harness.count_text(n)}, {d}, {m})" for n, d, m in config["sizes"])
     gram = ", ".join(f"({b}, {m}, {d})" for b, m, d in config["gram_sizes"])
-    labels = ", ".join(bench.BASELINE_LABELS[name] for name in config["baselines"])
+    labels = ", ".join(harness.BASELINE_LABELS[name] for name in config["baselines"])
     skipped = [r for r in results["sketch"] if r["status"] != "ok"]
     lines = [
         f"- Mode: {'full' if not config['quick'] else 'quick'}; each time is the median of "
@@ -78,7 +74,7 @@ def _sizes_section(results: Dict[str, object]) -> str:
         f"- Hadamard Gram, (B, m, d) with a and b both float32 [B, m, d]: {gram}.",
     ]
     for row in skipped:
-        lines.append(f"- Skipped n={bench.count_text(row['n'])}, d={row['d']}, m={row['m']}: "
+        lines.append(f"- Skipped n={harness.count_text(row['n'])}, d={row['d']}, m={row['m']}: "
                      f"{row.get('reason', row['status'])}.")
     return "\n".join(lines)
 
@@ -106,8 +102,8 @@ def _host_section(results: Dict[str, object]) -> str:
         f"{host['scipy_version']}, Python {host['python_version']}.",
         f"- Native ops loaded: {'yes' if host['native_ops'] else 'no (pure-PyTorch reference)'}"
         f"{_build_text(results)}.",
-        f"- Load average (1/5/15 min) {bench.load_text(host.get('load_average'))} at the "
-        f"start, {bench.load_text(results.get('load_average_after'))} at the end "
+        f"- Load average (1/5/15 min) {harness.load_text(host.get('load_average'))} at the "
+        f"start, {harness.load_text(results.get('load_average_after'))} at the end "
         f"(a load above the core count means other work shared the cores).",
     ]
     return "\n".join(lines)
@@ -146,7 +142,7 @@ def end_to_end_section() -> Optional[str]:
 def render(results: Dict[str, object], command: str) -> str:
     """The Markdown report of one run."""
     machine = results["machine"]
-    targets = results.get("targets") or bench.evaluate_targets(results)
+    targets = results.get("targets") or harness.evaluate_targets(results)
     sections: List[str] = [
         "# Benchmark results (CPU)",
         f"Produced by `{command}` on {results['host']['date_utc']} "
@@ -155,19 +151,19 @@ def render(results: Dict[str, object], command: str) -> str:
         "## Machine",
         _host_section(results),
         f"Measured in this run: read bandwidth {machine['read_gbs']:.1f} GB/s "
-        f"(`sum()` over {machine['buffer_bytes'] / bench.GIB:.0f} GiB of float32), copy "
+        f"(`sum()` over {machine['buffer_bytes'] / harness.GIB:.0f} GiB of float32), copy "
         f"bandwidth {machine['copy_gbs']:.1f} GB/s (`copy_`, bytes read + written), fp32 GEMM "
         f"{machine['gemm_gflops']:.0f} GFLOP/s (`torch.mm`, {machine['gemm_size']}^3).",
         "## Sizes",
         _sizes_section(results),
         "## CountSketch pair",
-        bench.format_sketch_table(results),
-        bench.SKETCH_NOTES,
+        harness.format_sketch_table(results),
+        harness.SKETCH_NOTES,
         "## Hadamard Gram",
-        bench.format_gram_table(results),
-        bench.GRAM_NOTES,
+        harness.format_gram_table(results),
+        harness.GRAM_NOTES,
     ]
-    scaling = bench.format_scaling_table(results)
+    scaling = harness.format_scaling_table(results)
     if scaling:
         sections += ["## Thread scaling", scaling,
                      "The same sketch and a 1 GiB read at one thread and at all threads: a "
@@ -178,7 +174,7 @@ def render(results: Dict[str, object], command: str) -> str:
     sections += [
         "## Targets",
         "Judged from the numbers above (read bandwidth: the 1 GiB `sum()` of this run).",
-        bench.format_targets(targets),
+        harness.format_targets(targets),
         "## GPU",
         "GPU results live in `benchmarks/results/` when they have been measured (written by "
         "the GPU check script); this report holds CPU numbers only.",
@@ -202,19 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    results = bench.run_from_args(args)
+    results = harness.run_from_args(args)
     if results is None:
         return 2
     command = command_line(args)
     results["command"] = command
     results["code"] = code_version()
-    results["targets"] = bench.evaluate_targets(results)
+    results["targets"] = harness.evaluate_targets(results)
     report = render(results, command)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as handle:
         handle.write(report)
     if args.json:
-        bench.write_json(results, args.json)
+        harness.write_json(results, args.json)
     print(report)
     return 0
 

@@ -35,16 +35,12 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import nn
 
+import harness  # first: it finds a checkout's nnsim_fast when none is installed
+from nnsim_fast import sketch_model
+from nnsim_fast.extract import expected_gradient_objective
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-try:
-    import nnsim_fast
-except ImportError:  # run from a checkout that is not installed
-    sys.path.insert(0, ROOT)
-    import nnsim_fast
-from nnsim_fast import bench, sketch_model
-from nnsim_fast.extract import expected_gradient_objective
 
 FULL_N = (100_000, 1_000_000, 4_000_000)
 QUICK_N = (10_000, 100_000)
@@ -229,8 +225,8 @@ def markdown(results: Dict[str, object]) -> str:
         f"{host['memory_total_gib']} GiB, torch {host['torch_version']}, "
         f"{results['config']['threads']} torch thread(s) per run, native ops: "
         f"{'yes' if host['native_ops'] else 'NO (pure-PyTorch reference)'}; load average "
-        f"{bench.load_text(host.get('load_average'))} at the start, "
-        f"{bench.load_text(results.get('load_average_after'))} at the end.", "",
+        f"{harness.load_text(host.get('load_average'))} at the start, "
+        f"{harness.load_text(results.get('load_average_after'))} at the end.", "",
     ]
     if results.get("note"):
         lines += [results["note"], ""]
@@ -309,7 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     indexed_sizes = (args.indexed_n if args.indexed_n is not None else
                      (QUICK_INDEXED_N if args.quick else FULL_INDEXED_N))
     results: Dict[str, object] = {
-        "host": bench.host_info(), "command": command_text(args), "note": args.note,
+        "host": harness.host_info(), "command": command_text(args), "note": args.note,
         "config": {"batch": args.batch, "m": args.m, "threads": args.threads, "layers": LAYERS,
                    "model": [IN_FEATURES, WIDTH, WIDTH, CLASSES], "sizes": list(sizes),
                    "indexed_sizes": list(indexed_sizes)},
@@ -324,7 +320,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                       f"{row['samples_per_s']:,.0f} samples/s, "
                                       f"peak RSS {row['peak_rss_bytes'] / MIB:.0f} MiB")
         print(f"{mode:8s} N={n:>9,d}: {shown}", flush=True)
-    results["load_average_after"] = bench.host_info()["load_average"]
+    results["load_average_after"] = harness.host_info()["load_average"]
     results["verdicts"] = [v for v in (verdicts(results["runs"], mode)
                                        for mode in ("bare", "sketch", "indexed")) if v]
     if args.json:

@@ -12,6 +12,8 @@ import math
 import numbers
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 __all__ = ["check_int", "check_float", "check_bool", "check_choice", "check_optional_int"]
 
 
@@ -21,8 +23,7 @@ def _type_name(value: Any) -> str:
 
 def check_int(value: Any, name: str, low: Optional[int] = None, high: Optional[int] = None) -> int:
     """An integer (Python, numpy or 0-d integer tensor) in ``[low, high]``, as ``int``."""
-    if isinstance(value, bool) or getattr(value, "dtype", None) is not None and \
-            str(getattr(value, "dtype", "")).endswith("bool"):
+    if isinstance(value, (bool, np.bool_)) or str(getattr(value, "dtype", "")).endswith("bool"):
         raise TypeError(f"{name} must be an int, got bool")
     if not isinstance(value, numbers.Integral):
         index = getattr(value, "__index__", None)
@@ -69,9 +70,7 @@ def check_float(value: Any, name: str, low: Optional[float] = None, high: Option
 
 def check_bool(value: Any, name: str) -> bool:
     """A bool (Python or numpy), as ``bool``; numbers are not taken for truth values."""
-    if isinstance(value, bool):
-        return value
-    if type(value).__name__ == "bool_":     # numpy.bool_
+    if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {_type_name(value)}")
 

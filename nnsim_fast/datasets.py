@@ -1,9 +1,10 @@
-"""The demo's three image classification tasks: no downloads, deterministic, CPU-sized.
+"""Image classification data: the demo's bundled tasks, and readers of CIFAR and SVHN files.
 
-The seed paper compares ResNets trained on CIFAR-10, CIFAR-100 and SVHN.  The demo keeps the
-design -- two tasks on one image domain, one coarse and one finer and harder, and a third task
-on a different domain with as many classes as the coarse one -- with data that ships inside
-scikit-learn or is generated here:
+**Bundled tasks** (no downloads, deterministic, CPU-sized).  The seed paper compares ResNets
+trained on CIFAR-10, CIFAR-100 and SVHN.  The demo keeps the design -- two tasks on one image
+domain, one coarse and one finer and harder, and a third task on a different domain with as
+many classes as the coarse one -- with data that ships inside scikit-learn or is generated
+here:
 
 ``A`` (plays CIFAR-10)   scikit-learn's handwritten digits, 8x8 grey images, 10 classes.
 ``B`` (plays CIFAR-100)  the same images, 20 classes: digit x stroke weight.  An image is
@@ -22,11 +23,26 @@ scikit-learn or is generated here:
 Images are ``float32`` tensors ``[N, 1, 8, 8]`` with values in [0, 1]; labels are ``int64``.
 The train/test splits are fixed (they belong to the task, like CIFAR's), independent of any
 model seed.
+
+**The paper's datasets from disk** (:func:`load_cifar10`, :func:`load_cifar100`,
+:func:`load_svhn`, :func:`load_paper_tasks`): read from the files their publishers
+distribute, in the folder layout torchvision also uses, and never downloaded::
+
+    ROOT/cifar-10-batches-py/data_batch_1 ... data_batch_5, test_batch   (CIFAR-10, python)
+    ROOT/cifar-100-python/train, test                                    (CIFAR-100, python)
+    ROOT/train_32x32.mat, ROOT/test_32x32.mat                            (SVHN, format 2)
+
+They return ``float32`` images ``[N, 3, 32, 32]`` in [0, 1] and ``int64`` labels.  The CIFAR
+files are Python pickles; a pickle can name any function to call while loading, so they are
+read with an unpickler that builds only dicts, lists, strings, bytes, numbers and numpy
+arrays and refuses every other global (see :class:`ArrayUnpickler`).
 """
 from __future__ import annotations
 
+import os
+import pickle
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +50,8 @@ import torch
 __all__ = [
     "Task", "TASK_NAMES", "SHAPE_CLASSES", "load_tasks", "digits_task", "digits_weight_task",
     "shapes_task", "render_shapes", "stroke_weight_labels",
+    "DATASETS", "SPLITS", "PAPER_DATASETS", "ArrayUnpickler", "dataset_files", "missing_files",
+    "load_cifar10", "load_cifar100", "load_svhn", "load_images", "load_paper_tasks",
 ]
 
 #: The demo's task names, in the order the paper lists its datasets.
@@ -257,3 +275,238 @@ def shapes_task(n_train: int = _SHAPES_TRAIN, n_test: int = _SHAPES_TEST,
 def load_tasks() -> Dict[str, Task]:
     """The three demo tasks by name: ``{"A": ..., "B": ..., "C": ...}``."""
     return {"A": digits_task(), "B": digits_weight_task(), "C": shapes_task()}
+
+
+# ------------------------------------------------------------------------- files on disk
+
+#: Datasets the readers below know, by name.
+DATASETS: Tuple[str, ...] = ("cifar10", "cifar100", "svhn")
+#: Splits every dataset has.
+SPLITS: Tuple[str, ...] = ("train", "test")
+#: Which dataset plays which demo task (the paper's setting).
+PAPER_DATASETS: Dict[str, str] = {"A": "cifar10", "B": "cifar100", "C": "svhn"}
+
+_DATASET_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN"}
+_NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
+_FILES: Dict[str, Dict[str, Tuple[str, ...]]] = {
+    "cifar10": {"train": tuple(f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)),
+                "test": ("cifar-10-batches-py/test_batch",)},
+    "cifar100": {"train": ("cifar-100-python/train",), "test": ("cifar-100-python/test",)},
+    "svhn": {"train": ("train_32x32.mat",), "test": ("test_32x32.mat",)},
+}
+_SOURCES = {
+    "cifar10": "the CIFAR-10 python version (cifar-10-python.tar.gz, extracted)",
+    "cifar100": "the CIFAR-100 python version (cifar-100-python.tar.gz, extracted)",
+    "svhn": "SVHN format 2 (cropped digits: train_32x32.mat, test_32x32.mat)",
+}
+_CIFAR_PIXELS = 3 * 32 * 32
+
+
+def _check_dataset(name: str, split: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def dataset_files(name: str, root: "os.PathLike[str] | str", split: str) -> List[str]:
+    """The files :func:`load_images` reads for ``name`` / ``split`` under ``root``."""
+    _check_dataset(name, split)
+    root = os.path.expanduser(os.fspath(root))
+    return [os.path.join(root, relative) for relative in _FILES[name][split]]
+
+
+def missing_files(root: "os.PathLike[str] | str",
+                  names: Sequence[str] = DATASETS) -> List[str]:
+    """Every file of the datasets ``names`` (both splits) that is absent under ``root``."""
+    return [path for name in names for split in SPLITS
+            for path in dataset_files(name, root, split) if not os.path.isfile(path)]
+
+
+def _require(name: str, paths: Sequence[str]) -> None:
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{_DATASET_TITLES[name]}: missing file {path!r}; expected {_SOURCES[name]} "
+                "in that place (nothing is downloaded)")
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """An unpickler for data files: dicts, lists, strings, bytes, numbers and numpy arrays only.
+
+    ``pickle.load`` calls whatever global a file names, so a crafted "dataset" could run any
+    code.  This unpickler resolves only the few globals that rebuild numpy arrays (under their
+    numpy 1 and numpy 2 module names) and ``_codecs.encode``, which Python 3 itself writes
+    for bytes at pickle protocols below 3 and which only converts a string to bytes.  Any
+    other global raises ``pickle.UnpicklingError`` naming it.
+    """
+
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load the global {module}.{name}: a data "
+                                         "file may only hold numpy arrays, lists and dicts")
+        for spelling in ("numpy.core.", "numpy._core."):
+            # Files name the module of the numpy that wrote them; numpy 2 renamed numpy.core
+            # to numpy._core (and warns on the old name), so use the one installed.
+            if module.startswith(spelling):
+                module = _NUMPY_CORE + "." + module[len(spelling):]
+        return super().find_class(module, name)
+
+
+_NUMPY_CORE = "numpy._core" if hasattr(np, "_core") else "numpy.core"
+
+
+def _unpickle(path: str) -> Dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            # Python 2 pickles: their str objects (keys, pixel buffers) come back as bytes.
+            obj = ArrayUnpickler(handle, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path!r} is not a readable data pickle: {error}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path!r} holds a {type(obj).__name__}, expected a dict")
+    return {key.decode("latin1") if isinstance(key, bytes) else key: value
+            for key, value in obj.items()}
+
+
+def _cifar_batch(path: str, label_key: str, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+    batch = _unpickle(path)
+    for key in ("data", label_key):
+        if key not in batch:
+            raise ValueError(f"{path!r} has no {key!r} entry (keys: {sorted(map(str, batch))})")
+    data = batch["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != _CIFAR_PIXELS:
+        raise ValueError(f"{path!r}: 'data' must be a uint8 array [N, {_CIFAR_PIXELS}], got "
+                         f"{getattr(data, 'dtype', type(data).__name__)} "
+                         f"{getattr(data, 'shape', '')}")
+    labels = np.asarray(batch[label_key])
+    if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path!r}: {label_key!r} must hold one integer label per image "
+                         f"({data.shape[0]}), got {labels.dtype} {labels.shape}")
+    return data.reshape(-1, 3, 32, 32), _checked_labels(labels, num_classes, path)
+
+
+def _checked_labels(labels: np.ndarray, num_classes: int, path: str) -> np.ndarray:
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{path!r}: labels must lie in [0, {num_classes}), got "
+                         f"[{labels.min()}, {labels.max()}]")
+    return labels.astype(np.int64)
+
+
+def _read_cifar(name: str, root, split: str, limit: Optional[int]
+                ) -> Tuple[np.ndarray, np.ndarray]:
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    paths = dataset_files(name, root, split)
+    _require(name, paths)
+    images, labels, count = [], [], 0
+    for path in paths:
+        if limit is not None and count >= limit:
+            break       # later batches are not needed: the first ``limit`` images are read
+        x, y = _cifar_batch(path, label_key, _NUM_CLASSES[name])
+        images.append(x)
+        labels.append(y)
+        count += x.shape[0]
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _read_svhn(root, split: str) -> Tuple[np.ndarray, np.ndarray]:
+    from scipy.io import loadmat
+
+    (path,) = dataset_files("svhn", root, split)
+    _require("svhn", [path])
+    try:
+        mat = loadmat(path, variable_names=("X", "y"))
+    except Exception as error:  # scipy raises assorted types for damaged files
+        raise ValueError(f"{path!r} is not a readable MATLAB file: {error}") from None
+    x, y = mat.get("X"), mat.get("y")
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4 \
+            or x.shape[:3] != (32, 32, 3):
+        raise ValueError(f"{path!r}: 'X' must be a uint8 array [32, 32, 3, N], got "
+                         f"{getattr(x, 'dtype', None)} {getattr(x, 'shape', None)}")
+    if not isinstance(y, np.ndarray) or y.size != x.shape[3]:
+        raise ValueError(f"{path!r}: 'y' must hold one label per image ({x.shape[3]}), got "
+                         f"{getattr(y, 'shape', None)}")
+    labels = y.reshape(-1).astype(np.int64)
+    if labels.size and (labels.min() < 1 or labels.max() > 10):
+        raise ValueError(f"{path!r}: SVHN labels must lie in [1, 10], got "
+                         f"[{labels.min()}, {labels.max()}]")
+    # SVHN writes the digit 0 as label 10.
+    return x.transpose(3, 2, 0, 1), np.where(labels == 10, 0, labels)
+
+
+def load_images(name: str, root: "os.PathLike[str] | str", split: str = "train",
+                limit: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One split of a dataset read from its distributed files under ``root`` (no download).
+
+    Args:
+        name: ``"cifar10"``, ``"cifar100"`` (fine labels, 100 classes) or ``"svhn"``
+            (labels 0-9; the files write 0 as 10).
+        root: the folder holding the files (layout in the module docstring).
+        split: ``"train"`` or ``"test"``.
+        limit: keep the first ``limit`` images (None: all); CIFAR-10 then reads only the
+            batches it needs.
+
+    Returns:
+        ``(images float32 [N, 3, 32, 32] in [0, 1], labels int64 [N])``.
+
+    Raises:
+        FileNotFoundError: a file is missing (the message names it and what to put there).
+        ValueError: a file is not in the expected format, or refers to code to run.
+    """
+    _check_dataset(name, split)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    if name == "svhn":
+        images, labels = _read_svhn(root, split)
+    else:
+        images, labels = _read_cifar(name, root, split, limit)
+    images, labels = images[:limit], labels[:limit]
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0)
+    return x, torch.from_numpy(np.ascontiguousarray(labels))
+
+
+def load_cifar10(root, split: str = "train", limit: Optional[int] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10 from ``root/cifar-10-batches-py`` (see :func:`load_images`)."""
+    return load_images("cifar10", root, split, limit)
+
+
+def load_cifar100(root, split: str = "train", limit: Optional[int] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-100 with its 100 fine labels from ``root/cifar-100-python`` (see :func:`load_images`)."""
+    return load_images("cifar100", root, split, limit)
+
+
+def load_svhn(root, split: str = "train", limit: Optional[int] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SVHN (cropped digits) from ``root/{train,test}_32x32.mat`` (see :func:`load_images`)."""
+    return load_images("svhn", root, split, limit)
+
+
+def load_paper_tasks(root: "os.PathLike[str] | str", n_train: Optional[int] = None,
+                     n_test: Optional[int] = None) -> Dict[str, Task]:
+    """The seed paper's tasks from disk: ``{"A": CIFAR-10, "B": CIFAR-100, "C": SVHN}``.
+
+    Each task keeps the first ``n_train`` training and ``n_test`` test images of its
+    dataset (None: all).  Every file is checked before any is read, so a missing dataset is
+    reported at once (``FileNotFoundError`` naming the first missing file).
+    """
+    for name in PAPER_DATASETS.values():
+        _require(name, [path for split in SPLITS for path in dataset_files(name, root, split)])
+    tasks = {}
+    for task, name in PAPER_DATASETS.items():
+        x_train, y_train = load_images(name, root, "train", n_train)
+        x_test, y_test = load_images(name, root, "test", n_test)
+        title = _DATASET_TITLES[name]
+        tasks[task] = Task(task, title, f"{title}, the first {x_train.shape[0]} training and "
+                           f"{x_test.shape[0]} test images", _NUM_CLASSES[name],
+                           x_train, y_train, x_test, y_test)
+    return tasks

@@ -1,9 +1,14 @@
-"""A small residual network for 8x8 images, its training loop and a cache of trained weights.
+"""Residual networks for the demo and for real 32x32 data, a training loop and a weight cache.
 
 :class:`SmallResNet` mirrors the layout of the ResNets the seed paper compares (a stem, a stack
 of residual blocks, global pooling and a linear head), shrunk to 8x8 inputs so that a few dozen
-models train on a laptop CPU in minutes.  Its blocks are direct children named ``block1`` ...
-``blockK``, so ``sketch_model(model, data, layers=model.block_names)`` probes every block output.
+models train on a laptop CPU in minutes.  :func:`resnet18_cifar` is the paper's own network
+shape, ResNet-18 for 32x32 images (CIFAR-10/100, SVHN), with an optional smaller width.
+
+Both expose their residual stages as direct children listed in ``model.block_names``
+(``block1`` ... for SmallResNet, ``layer1`` ... ``layer4`` for ResNet), so
+``sketch_model(model, data, layers=model.block_names)`` probes every stage output, and
+``model.features(x)`` returns those outputs.
 """
 from __future__ import annotations
 
@@ -12,15 +17,15 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 __all__ = [
-    "BasicBlock", "SmallResNet", "TrainConfig", "train_classifier", "accuracy", "predict",
-    "load_or_train",
+    "BasicBlock", "SmallResNet", "ResNet", "resnet18_cifar", "TrainConfig", "train_classifier",
+    "accuracy", "predict", "load_or_train",
 ]
 
 
@@ -50,7 +55,48 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class SmallResNet(nn.Module):
+class _BlockNet(nn.Module):
+    """Stem, residual stages named in ``block_names``, global average pool, linear head.
+
+    The layout both demo networks share, so that the demo can probe, pool and count their
+    layers the same way.  Subclasses build ``stem`` and the stages, then call
+    :meth:`_finish`.
+    """
+
+    block_names: List[str]
+
+    def _finish(self, num_classes: int, width: int, convs_per_stage: Sequence[int]) -> None:
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(width, num_classes)
+        # stem conv + the convs of every block; shortcut convs sit off the main path
+        self._main_path_convs = 1 + sum(convs_per_stage)
+
+    def features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Every stage's output map for a batch ``x`` (no gradients are tracked by this call)."""
+        out: Dict[str, torch.Tensor] = {}
+        h = self.stem(x)
+        for name in self.block_names:
+            h = getattr(self, name)(h)
+            out[name] = h
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for name in self.block_names:
+            h = getattr(self, name)(h)
+        return self.head(self.pool(h))
+
+    def main_path_depth(self) -> int:
+        """Weight layers on the input-to-logits path minus one (L of the Fisher-Rao norm)."""
+        return self._main_path_convs         # the convs, plus the head, minus one
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+
+
+class SmallResNet(_BlockNet):
     """Stem conv, ``len(channels)`` residual blocks, global average pool, linear head.
 
     Args:
@@ -67,8 +113,7 @@ class SmallResNet(nn.Module):
     def __init__(self, num_classes: int, channels: Sequence[int] = (16, 16, 32, 32),
                  strides: Optional[Sequence[int]] = None, in_channels: int = 1) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        _check_num_classes(num_classes)
         channels = [int(c) for c in channels]
         if not channels or min(channels) < 1:
             raise ValueError(f"channels must be a non-empty list of positive widths, got {channels}")
@@ -84,29 +129,51 @@ class SmallResNet(nn.Module):
         for index, (out_channels, stride) in enumerate(zip(channels, strides), start=1):
             self.add_module(f"block{index}", BasicBlock(width, out_channels, int(stride)))
             width = out_channels
-        self.block_names: List[str] = [f"block{i}" for i in range(1, len(channels) + 1)]
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(width, num_classes)
+        self.block_names = [f"block{i}" for i in range(1, len(channels) + 1)]
+        self._finish(num_classes, width, [2] * len(channels))
 
-    def features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Every block's output map for a batch ``x`` (no gradients are tracked by this call)."""
-        out: Dict[str, torch.Tensor] = {}
-        h = self.stem(x)
-        for name in self.block_names:
-            h = getattr(self, name)(h)
-            out[name] = h
-        return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stem(x)
-        for name in self.block_names:
-            h = getattr(self, name)(h)
-        return self.head(self.pool(h))
+class ResNet(_BlockNet):
+    """A ResNet for 32x32 images (He et al., 2016), the shape the seed paper compares.
 
-    def main_path_depth(self) -> int:
-        """Weight layers on the input-to-logits path minus one (L of the Fisher-Rao norm)."""
-        # stem conv + two convs per block + head; shortcut convs sit off the main path
-        return (1 + 2 * len(self.block_names) + 1) - 1
+    A 3x3 stem convolution (no max-pool: the inputs are small), four stages of
+    :class:`BasicBlock` whose widths double from ``width`` while the maps halve (strides
+    1, 2, 2, 2), global average pooling and a linear head.  With ``blocks=(2, 2, 2, 2)`` and
+    ``width=64`` this is ResNet-18 as used on CIFAR (11.2M parameters for 10 classes);
+    smaller widths keep the depth and shape at a fraction of the cost.
+
+    Direct children: ``stem``, ``layer1`` ... ``layer4`` (each an ``nn.Sequential`` of blocks,
+    the names torchvision uses), ``pool``, ``head``.
+    """
+
+    def __init__(self, num_classes: int, blocks: Sequence[int] = (2, 2, 2, 2), width: int = 64,
+                 in_channels: int = 3) -> None:
+        super().__init__()
+        _check_num_classes(num_classes)
+        blocks = [int(b) for b in blocks]
+        if len(blocks) != 4 or min(blocks) < 1:
+            raise ValueError(f"blocks must give four positive block counts, got {blocks}")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive int, got {width!r}")
+        self.num_classes = num_classes
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())
+        channels = width
+        for stage, count in enumerate(blocks):
+            out_channels = width * 2 ** stage
+            stride = 1 if stage == 0 else 2
+            layers = [BasicBlock(channels, out_channels, stride)]
+            layers += [BasicBlock(out_channels, out_channels) for _ in range(count - 1)]
+            self.add_module(f"layer{stage + 1}", nn.Sequential(*layers))
+            channels = out_channels
+        self.block_names = [f"layer{i}" for i in range(1, 5)]
+        self._finish(num_classes, channels, [2 * count for count in blocks])
+
+
+def resnet18_cifar(num_classes: int = 10, width: int = 64, in_channels: int = 3) -> ResNet:
+    """ResNet-18 for 32x32 inputs (CIFAR-10/100, SVHN): :class:`ResNet` with two blocks per
+    stage.  ``width`` is the first stage's channel count (64 in the original)."""
+    return ResNet(num_classes, (2, 2, 2, 2), width, in_channels)
 
 
 @dataclass(frozen=True)
@@ -201,22 +268,29 @@ def _atomic_save(state: Dict[str, torch.Tensor], path: str) -> None:
 
 def load_or_train(task_name: str, num_classes: int, x: torch.Tensor, y: torch.Tensor,
                   config: TrainConfig, seed: int, cache_dir: Optional[str],
-                  data_tag: str = "") -> Tuple[SmallResNet, bool, str]:
-    """A trained :class:`SmallResNet`, from ``cache_dir`` when an identical one was trained before.
+                  data_tag: str = "", build: Optional[Callable[[], nn.Module]] = None
+                  ) -> Tuple[nn.Module, bool, str]:
+    """A trained model, from ``cache_dir`` when an identical one was trained before.
 
-    The cache file is ``{task}_seed{seed}_{hash}.pt`` where the hash covers ``config``,
-    ``num_classes``, the training set size and ``data_tag``; a state dict that fails to load
-    (older layout, truncated file) is retrained and overwritten.
+    The model is ``build()`` (default: ``SmallResNet(num_classes, channels=config.channels)``),
+    built right after ``torch.manual_seed(seed)``.  The cache file is
+    ``{task}_seed{seed}_{hash}.pt`` where the hash covers ``config``, ``num_classes``, the
+    training set size and ``data_tag`` (which must also name the architecture when ``build``
+    is given); a state dict that fails to load (older layout, truncated file) is retrained
+    and overwritten.
 
     Returns:
         ``(model in eval mode, trained_now, path)``; ``path`` is "" without a cache.
     """
+    if build is None:
+        def build() -> nn.Module:
+            return SmallResNet(num_classes, channels=config.channels)
     digest = config.digest({"task": task_name, "classes": num_classes, "n": int(x.shape[0]),
                             "data": data_tag})
     path = (os.path.join(cache_dir, f"{task_name}_seed{seed}_{digest}.pt")
             if cache_dir is not None else "")
     torch.manual_seed(seed)
-    model = SmallResNet(num_classes, channels=config.channels)
+    model = build()
     if path and os.path.exists(path):
         try:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -224,7 +298,7 @@ def load_or_train(task_name: str, num_classes: int, x: torch.Tensor, y: torch.Te
             return model, False, path
         except Exception:  # any unreadable or mismatched file: train afresh and overwrite
             torch.manual_seed(seed)
-            model = SmallResNet(num_classes, channels=config.channels)
+            model = build()
     train_classifier(model, x, y, config, seed)
     if path:
         _atomic_save(model.state_dict(), path)

@@ -1,7 +1,10 @@
 """Tests of the nnsim-fast command line: compare against a dense reference, and every error path."""
 
 import csv
+import inspect
 import json
+import os
+import subprocess
 import sys
 import textwrap
 import types
@@ -12,6 +15,9 @@ import torch
 
 import nnsim_fast
 from nnsim_fast import cli, ops
+from nnsim_fast.app import bench as bench_command
+from nnsim_fast.app import scores
+from nnsim_fast.app.errors import UsageError
 
 FACTORY_SOURCE = textwrap.dedent('''
     import torch
@@ -37,6 +43,11 @@ FACTORY_SOURCE = textwrap.dedent('''
 
     def broken():
         raise RuntimeError("factory exploded")
+
+    def counted(width=7):
+        with open("built.txt", "a") as handle:
+            handle.write("built\\n")
+        return Tiny(width)
 ''')
 
 LAYERS = ["fc1", "act", "fc2", "act2"]
@@ -116,7 +127,7 @@ def test_compare_matches_a_dense_reference(workdir, capsys):
     code, stdout, err = run(capsys, "compare", "--model", f"{workdir.module}:tiny",
                             "--weights", *workdir.weights, "--data", "data.pt", "--layers", *LAYERS,
                             "--m", m, "--seed", seed, "--dtype", "float64", "--out", out,
-                            "--no-progress")
+                            "--estimator", "paper", "--no-progress")
     assert code == 0, err
     result = json.loads((out / "similarity.json").read_text())
     assert result["m"] == m and result["index"] == "cka" and len(result["pairs"]) == 1
@@ -311,19 +322,248 @@ def test_out_that_is_a_file_is_an_error(workdir, capsys):
 def test_bench_forwards_its_arguments(monkeypatch, capsys):
     seen = {}
 
-    def fake_main(argv):
+    def fake_main(argv, prog):
         seen["argv"] = list(argv)
         return 3
 
-    fake = types.ModuleType("nnsim_fast.bench")
-    fake.main = fake_main
-    monkeypatch.setitem(sys.modules, "nnsim_fast.bench", fake)
-    monkeypatch.setattr(nnsim_fast, "bench", fake, raising=False)
+    fake = types.SimpleNamespace(main=fake_main)
+    monkeypatch.setattr(bench_command, "load_harness", lambda: fake)
     assert cli.main(["bench", "--full", "--json", "x.json"]) == 3
     assert seen["argv"] == ["--full", "--json", "x.json"]
 
-    def exiting_main(argv):
+    def exiting_main(argv, prog):
         raise SystemExit(2)
 
     fake.main = exiting_main
     assert cli.main(["bench", "--bad"]) == 2
+
+
+# ------------------------------------------------------------------------------ two models
+
+def test_compare_two_models_of_different_widths(workdir, capsys):
+    wide = workdir.Tiny(width=9)
+    torch.save(wide.state_dict(), workdir.path / "wide.pt")
+    out = workdir.path / "two"
+    code, stdout, err = run(capsys, "compare", "--model-a", f"{workdir.module}:tiny",
+                            "--weights-a", workdir.weights[0], "--layers-a", "fc1", "fc2",
+                            "--model-b", f"{workdir.module}:tiny", "--model-kwargs-b",
+                            '{"width": 9}', "--weights-b", "wide.pt", "--layers-b", "act", "act2",
+                            "fc2", "--data", "data.pt", "--m", 8, "--dtype", "float64",
+                            "--estimator", "paper", "--out", out, "--no-plots", "--no-progress")
+    assert code == 0, err
+    result = json.loads((out / "similarity.json").read_text())
+    assert [m["label"] for m in result["models"]] == ["model1", "wide"]
+    (pair,) = result["pairs"]
+    assert pair["layers_a"] == ["fc1", "fc2"] and pair["layers_b"] == ["act", "act2", "fc2"]
+    model_a = workdir.Tiny()
+    model_a.load_state_dict(torch.load(workdir.weights[0]))
+    rep_a = nnsim_fast.sketch_model(model_a, [workdir.x], layers=["fc1", "fc2"], m=8,
+                                    dtype=torch.float64, progress=False)
+    rep_b = nnsim_fast.sketch_model(wide, [workdir.x], layers=["act", "act2", "fc2"], m=8,
+                                    dtype=torch.float64, progress=False)
+    expected, _, _ = nnsim_fast.similarity(rep_a, rep_b, **scores.similarity_options("paper"))
+    np.testing.assert_allclose(np.array(pair["matrix"]), expected.numpy(), atol=1e-9)
+    assert "rows: model1, columns: wide" in stdout
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"--model-a": "m:f"}, "two ways to name the models"),
+    ({"--model": None, "--weights": None, "--model-a": "m:f"}, "both --model-a and --model-b"),
+    ({"--model": None, "--weights": None}, "name the models with --model"),
+    ({"--weights": None}, "--model needs --weights"),
+    ({"--model": None, "--model-a": "m:f", "--model-b": "m:g"}, "--weights goes with --model"),
+    ({"--model": None, "--weights": None, "--model-a": "m", "--model-b": "m:g"},
+     "--model-a must look like package.module:factory"),
+])
+def test_compare_model_form_errors(workdir, capsys, overrides, match):
+    expect_usage_error(capsys, *base_args(workdir, **overrides), match=match)
+
+
+def test_compare_two_model_file_and_layer_errors(workdir, capsys):
+    pair = {"--model": None, "--weights": None, "--model-a": f"{workdir.module}:tiny",
+            "--model-b": f"{workdir.module}:tiny", "--weights-a": workdir.weights[0]}
+    expect_usage_error(capsys, *base_args(workdir, **pair, **{"--weights-b": "nope.pt"}),
+                       match="--weights-b: no such file 'nope.pt'")
+    expect_usage_error(capsys, *base_args(workdir, **pair, **{"--layers-b": ["fc1", "fc9"]}),
+                       match="--layers-b: ")
+
+
+# ------------------------------------------------------------------------------ bad input, early
+
+@pytest.mark.parametrize("labels, shown", [((0, 7), "[0, 7]"), ((-1, 2), "[-1, 2]")])
+def test_labels_outside_the_model_outputs_are_one_line(workdir, capsys, labels, shown):
+    y = torch.tensor([labels[0], labels[1]] * 20)
+    torch.save((workdir.x, y), workdir.path / "bad_labels.pt")
+    expect_usage_error(capsys, *base_args(workdir, **{"--data": "bad_labels.pt",
+                                                        "--target": "labels"}),
+                       match=f"labels must lie in [0, 3) for model model1 (3 outputs), got "
+                             f"labels in {shown}")
+
+
+def test_unwritable_out_is_found_before_any_model_is_built(workdir, capsys):
+    (workdir.path / "afile").write_text("x")
+    expect_usage_error(capsys, *base_args(workdir, **{"--model": f"{workdir.module}:counted",
+                                                        "--out": "afile/sub"}),
+                       match="--out 'afile/sub' is not writable")
+    assert not (workdir.path / "built.txt").exists()
+    expect_usage_error(capsys, "demo", "--tiny", "--out", workdir.path / "afile" / "sub",
+                       match="is not writable")
+
+
+def test_bench_checks_its_output_files_before_measuring(monkeypatch, tmp_path, capsys):
+    harness = bench_command.load_harness()
+
+    def must_not_run(args):
+        raise AssertionError("benchmarks ran before the output paths were checked")
+
+    monkeypatch.setattr(harness, "run_from_args", must_not_run)
+    monkeypatch.setattr(bench_command, "load_harness", lambda: harness)
+    (tmp_path / "afile").write_text("x")
+    for option in ("--json", "--markdown"):
+        target = tmp_path / "afile" / "out.txt"
+        expect_usage_error(capsys, "bench", option, target,
+                           match=f"nnsim-fast bench: error: {option} '{target}' is not writable")
+
+
+def test_data_is_checked_before_the_model_module_is_imported(tmp_path, monkeypatch, capsys):
+    module = f"cli_marker_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{module}.py").write_text("open('imported.txt', 'w').close()\n"
+                                           "def make():\n    return None\n")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.pt").write_bytes(b"")
+    expect_usage_error(capsys, "compare", "--model", f"{module}:make", "--weights", "w.pt",
+                       "--data", "missing.pt", "--out", "o", match="--data: no such file")
+    assert not (tmp_path / "imported.txt").exists()
+    sys.modules.pop(module, None)
+
+
+def _own_directory(tmp_path, name):
+    """A working directory with a factory module, one weights file and data, off sys.path."""
+    module = f"{name}_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{module}.py").write_text(FACTORY_SOURCE)
+    namespace = {}
+    exec(FACTORY_SOURCE, namespace)
+    torch.manual_seed(0)
+    torch.save(namespace["Tiny"]().state_dict(), tmp_path / "w.pt")
+    torch.save(torch.randn(12, 5), tmp_path / "x.pt")
+    return module
+
+
+def test_the_working_directory_is_importable_only_while_importing_the_model(
+        tmp_path, monkeypatch, capsys):
+    module = _own_directory(tmp_path, "cli_scoped")
+    monkeypatch.chdir(tmp_path)
+    assert str(tmp_path) not in sys.path and os.getcwd() not in sys.path
+    try:
+        code, _, err = run(capsys, "compare", "--model", f"{module}:tiny", "--weights", "w.pt",
+                           "--data", "x.pt", "--m", 4, "--out", "o", "--no-plots",
+                           "--no-progress")
+    finally:
+        sys.modules.pop(module, None)
+    assert code == 0, err
+    assert str(tmp_path) not in sys.path and os.getcwd() not in sys.path
+
+
+def test_a_file_in_the_working_directory_cannot_shadow_a_later_import(tmp_path):
+    pytest.importorskip("matplotlib")
+    module = _own_directory(tmp_path, "cli_shadow")
+    (tmp_path / "matplotlib.py").write_text("open('shadowed.txt', 'w').close()\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(nnsim_fast.__file__)))
+    # As the console script runs: the working directory is not on sys.path.
+    code = textwrap.dedent(f"""
+        import os, sys
+        sys.path[:] = [p for p in sys.path if p not in ("", os.getcwd())]
+        from nnsim_fast.cli import main
+        sys.exit(main(["compare", "--model", "{module}:tiny", "--weights", "w.pt", "--data",
+                       "x.pt", "--m", "4", "--out", "o", "--no-progress"]))
+    """)
+    env = dict(os.environ, PYTHONPATH=root)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "shadowed.txt").exists()
+    assert (tmp_path / "o" / "w__w.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------ estimators
+
+class _Result(tuple):
+    """A similarity result as the estimator API returns it: unpacks to three, has .error."""
+
+
+def _with_estimator(calls):
+    real = nnsim_fast.compare.similarity
+
+    def similarity(rep_a, rep_b, index="cka", kind="hadamard", layers=None, *,
+                   estimator="sketch", debiased=False):
+        calls.append((estimator, debiased))
+        matrix, names_a, names_b = real(rep_a, rep_b, index=index, kind=kind)
+        result = _Result((matrix, names_a, names_b))
+        result.error = torch.full_like(matrix, 0.006)
+        result.warnings = [f"m too small for the effective rank of layer {names_a[0]}"]
+        return result
+
+    return similarity
+
+
+def test_compare_prints_error_bars_and_warnings(workdir, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(scores, "similarity", _with_estimator(calls))
+    out = workdir.path / "est"
+    code, stdout, err = run(capsys, *base_args(workdir, **{"--out": str(out),
+                                                           "--estimator": "plugin"}),
+                            "--debiased")
+    assert code == 0, err
+    assert calls == [("plugin", True)]
+    assert "± 0.006" in stdout
+    assert "warning: model1 vs model2: m too small for the effective rank of layer fc1" in err
+    result = json.loads((out / "similarity.json").read_text())
+    assert result["estimator"] == "plugin" and result["debiased"] is True
+    (pair,) = result["pairs"]
+    np.testing.assert_allclose(np.array(pair["error"]), 0.006)
+    assert pair["warnings"] == ["m too small for the effective rank of layer fc1"]
+    assert (out / pair["error_file"]).exists()
+    with open(out / "similarity.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0][-1] == "error" and rows[1][-1] == "0.006000"
+
+
+def test_similarity_options_follow_the_library_signature(monkeypatch):
+    def without(rep_a, rep_b, index="cka", kind="hadamard", layers=None, centering="buckets"):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(scores, "similarity", without)
+    assert scores.similarity_options() == {}
+    assert scores.similarity_options("paper") == {"centering": "buckets"}
+    assert scores.similarity_options("plugin") == {"centering": "data"}
+    assert scores.effective_options({}) == {"centering": "buckets"}
+    for kwargs, match in (({"estimator": "sketch"}, "--estimator sketch needs"),
+                          ({"debiased": True}, "--debiased needs")):
+        with pytest.raises(UsageError, match=match):
+            scores.similarity_options(**kwargs)
+    monkeypatch.setattr(scores, "similarity", _with_estimator([]))
+    assert scores.similarity_options("sketch", True) == {"estimator": "sketch", "debiased": True}
+    assert scores.effective_options({}) == {"estimator": "sketch", "debiased": False}
+    with pytest.raises(UsageError, match="--centering is not an option"):
+        scores.similarity_options(centering="data")
+
+
+needs_estimators = pytest.mark.skipif(
+    "estimator" not in inspect.signature(nnsim_fast.similarity).parameters,
+    reason="nnsim_fast.similarity has no estimator argument yet (issue 10)")
+
+
+@needs_estimators
+@pytest.mark.parametrize("estimator", ["sketch", "plugin", "paper"])
+def test_compare_with_the_library_estimators(workdir, capsys, estimator):
+    out = workdir.path / f"lib_{estimator}"
+    code, stdout, err = run(capsys, *base_args(workdir, **{"--out": str(out),
+                                                           "--estimator": estimator}),
+                            "--debiased")
+    assert code == 0, err
+    result = json.loads((out / "similarity.json").read_text())
+    assert result["estimator"] == estimator and result["debiased"] is True
+    (pair,) = result["pairs"]
+    if "error" in pair:
+        assert "±" in stdout
+        assert np.all(np.array(pair["error"]) >= 0)

@@ -4,6 +4,7 @@ The end-to-end runs: ``demo --tiny`` twice (a smoke test of every stage, then th
 and run-to-run determinism) and the real ``demo --quick`` once, through the command line.
 """
 
+import inspect
 import json
 import math
 import os
@@ -14,7 +15,9 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from nnsim_fast import cli, demo, ops, sketch_model  # noqa: E402
+from nnsim_fast import cli, ops, sketch_model  # noqa: E402
+from nnsim_fast.app import demo, scores  # noqa: E402
+from nnsim_fast.app.demo.analysis import model_matrix  # noqa: E402
 from nnsim_fast.datasets import (SHAPE_CLASSES, digits_task,  # noqa: E402
                                  load_tasks, render_shapes, shapes_task)
 from nnsim_fast.indices import cka_matrix, nbs, nbs_matrix  # noqa: E402
@@ -144,6 +147,8 @@ def test_weight_cache_reuses_and_repairs(tmp_path):
 
 # ------------------------------------------------------------------------------ analysis functions
 
+# The zeroed head below makes every gradient zero on purpose; the library says so.
+@pytest.mark.filterwarnings("ignore:.*gradient is identically zero:RuntimeWarning")
 def test_features_and_gradients_match_the_sketch():
     torch.manual_seed(3)
     model = SmallResNet(4, channels=(3, 3, 5, 5)).eval()
@@ -211,48 +216,38 @@ def test_symmetric_model_matrix_equals_the_library_indices():
     kernels = features @ features.transpose(1, 2)
     kernels = kernels - kernels.mean(-1, keepdim=True)
     kernels = kernels - kernels.mean(-2, keepdim=True)
-    torch.testing.assert_close(demo._model_matrix(kernels, "nbs"),
+    torch.testing.assert_close(model_matrix(kernels, "nbs"),
                                nbs_matrix(kernels, kernels, centered=False))
-    torch.testing.assert_close(demo._model_matrix(kernels, "cka"),
+    torch.testing.assert_close(model_matrix(kernels, "cka"),
                                cka_matrix(kernels, kernels, centered=False))
-    assert demo._model_matrix(kernels, "nbs")[1, 3].item() == pytest.approx(
+    assert model_matrix(kernels, "nbs")[1, 3].item() == pytest.approx(
         nbs(kernels[1], kernels[3], centered=False), rel=1e-12)
 
 
 # ------------------------------------------------------------------------------ end to end
 
-def check_results(out, mode, seeds_per_task, m):
-    results = json.loads((out / "results.json").read_text())
-    assert results["config"]["mode"] == mode and results["config"]["m"] == m
-    layers = results["layers"]
-    assert layers == ["block1", "block2", "block3", "block4"]
-    models = results["models"]
-    assert [x["task"] for x in models] == [t for t in "ABC" for _ in range(seeds_per_task)]
-    R = len(models)
-    tasks = [x["task"] for x in models]
-    for kind in demo.KINDS:
-        for index in demo.INDICES:
-            entry = results["similarity"][kind][index]
-            matrices = np.array(entry["matrices"])
-            assert matrices.shape == (len(layers), R, R)
-            assert np.all(matrices >= 0) and np.all(matrices <= 1 + 1e-9)
-            np.testing.assert_allclose(matrices, matrices.transpose(0, 2, 1), atol=1e-9)
-            for layer in range(len(layers)):
-                diag = np.diag(matrices[layer])
-                assert np.all((np.abs(diag - 1) < 1e-6) | (diag == 0))
-            # Recompute the task-pair closeness and the verdicts from the raw matrices.
-            for a, b in demo.TASK_PAIRS:
-                values = [matrices[layer, i, j] for layer in range(len(layers))
-                          for i in range(R) for j in range(R)
-                          if tasks[i] == a and tasks[j] == b and (a != b or i < j)]
-                assert entry["closeness"][f"{a}-{b}"] == pytest.approx(np.mean(values))
-            c = entry["closeness"]
-            assert entry["desiderata"]["d3"]["pass"] == (c["A-C"] > c["B-C"])
-            assert entry["desiderata"]["d2"]["pass"] == (c["A-B"] > c["A-C"] and
-                                                         c["A-B"] > c["B-C"])
-    for name, maps in results["heatmaps"].items():
-        for pair, matrix in maps.items():
-            assert np.array(matrix).shape == (len(layers), len(layers)), (name, pair)
+def check_similarity_entry(entry, layers, tasks):
+    R = len(tasks)
+    matrices = np.array(entry["matrices"])
+    assert matrices.shape == (len(layers), R, R)
+    assert np.all(matrices >= 0) and np.all(matrices <= 1 + 1e-9)
+    np.testing.assert_allclose(matrices, matrices.transpose(0, 2, 1), atol=1e-9)
+    for layer in range(len(layers)):
+        diag = np.diag(matrices[layer])
+        assert np.all((np.abs(diag - 1) < 1e-6) | (diag == 0))
+    # Recompute the task-pair closeness and the verdicts from the raw matrices.
+    for a, b in demo.TASK_PAIRS:
+        values = [matrices[layer, i, j] for layer in range(len(layers))
+                  for i in range(R) for j in range(R)
+                  if tasks[i] == a and tasks[j] == b and (a != b or i < j)]
+        assert entry["closeness"][f"{a}-{b}"] == pytest.approx(np.mean(values))
+    c = entry["closeness"]
+    assert entry["desiderata"]["d3"]["pass"] == (c["A-C"] > c["B-C"])
+    assert entry["desiderata"]["d2"]["pass"] == (c["A-B"] > c["A-C"] and
+                                                 c["A-B"] > c["B-C"])
+
+
+def check_baselines_and_mean_embeddings(results, layers, R):
     t2v = np.array(results["baselines"]["task2vec"]["similarity"])
     assert t2v.shape == (R, R) and np.all(t2v <= 1 + 1e-9) and np.all(t2v >= -1e-9)
     norms = results["baselines"]["fisher_rao"]["norms"]
@@ -265,6 +260,24 @@ def check_results(out, mode, seeds_per_task, m):
                 assert all(v > 0 for v in me[s][t][q]["mean"])
         # A and B share their images and the representation is label-free.
         np.testing.assert_allclose(me[s]["A"]["norm"]["mean"], me[s]["B"]["norm"]["mean"])
+
+
+def check_results(out, mode, seeds_per_task, m):
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["mode"] == mode and results["config"]["m"] == m
+    layers = results["layers"]
+    assert layers == ["block1", "block2", "block3", "block4"]
+    models = results["models"]
+    assert [x["task"] for x in models] == [t for t in "ABC" for _ in range(seeds_per_task)]
+    R = len(models)
+    tasks = [x["task"] for x in models]
+    for kind in demo.KINDS:
+        for index in demo.INDICES:
+            check_similarity_entry(results["similarity"][kind][index], layers, tasks)
+    for name, maps in results["heatmaps"].items():
+        for pair, matrix in maps.items():
+            assert np.array(matrix).shape == (len(layers), len(layers)), (name, pair)
+    check_baselines_and_mean_embeddings(results, layers, R)
     for t in "ABC":
         for key in ("krr", "probe_one_epoch", "probe_converged"):
             accuracies = results["krr"][t][key]["mean"]
@@ -321,3 +334,85 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     for line in lines:
         assert line.count("PASS") + line.count("FAIL") == 3
     assert math.isfinite(results["timings"]["total"])
+
+
+def test_run_demo_takes_numpy_scalars(tmp_path):
+    results = demo.run_demo(tmp_path / "np", mode="tiny", seed=np.int64(0),
+                            threads=np.int64(1), progress=False, verbose=False,
+                            figures=False, summary=False)
+    assert results["config"]["seed"] == 0 and type(results["config"]["seed"]) is int
+    assert json.loads((tmp_path / "np" / "results.json").read_text())["config"]["seed"] == 0
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--width", "8"], "width applies to the ResNet-18 of a data_root run"),
+    (["--models-per-task", "1"], "models_per_task must be in [2, inf]"),
+    (["--estimator", "exact"], "invalid choice: 'exact'"),
+    (["--spatial", "max"], "invalid choice"),
+])
+def test_demo_argument_errors(tmp_path, capsys, argv, match):
+    out = tmp_path / "never"
+    assert cli.main(["demo", "--tiny", "--out", str(out)] + argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and match in err and "Traceback" not in err
+    assert not out.exists()
+
+
+class _Result(tuple):
+    """A similarity result as the estimator API returns it: unpacks to three, has .error."""
+
+
+def test_demo_through_the_library_estimator_reports_errors_and_warnings(
+        tmp_path, capsys, monkeypatch):
+    real = scores.similarity
+    calls = set()
+
+    def similarity(rep_a, rep_b, index="cka", kind="hadamard", layers=None, *,
+                   estimator="sketch", debiased=False):
+        calls.add((estimator, debiased))
+        matrix, names_a, names_b = real(rep_a, rep_b, index=index, kind=kind)
+        result = _Result((matrix, names_a, names_b))
+        result.error = torch.full_like(matrix, 0.01)
+        result.warnings = ["m too small for the effective rank of layer block1"]
+        return result
+
+    monkeypatch.setattr(scores, "similarity", similarity)
+    out = tmp_path / "est"
+    argv = ["demo", "--tiny", "--out", str(out), "--no-progress", "--quiet", "--no-figures",
+            "--estimator", "sketch", "--debiased"]
+    assert cli.main(argv) == 0
+    assert len(verdict_lines(capsys.readouterr().out)) == 8
+    assert calls == {("sketch", True)}
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["sketch"]["estimator"] == "sketch"
+    assert results["warnings"] == ["m too small for the effective rank of layer block1"]
+    entry = results["similarity"]["hadamard"]["cka"]
+    assert np.array(entry["errors"]).shape == np.array(entry["matrices"]).shape
+    report = (out / "report.md").read_text()
+    assert "Estimated standard error of one value" in report and "## Warnings" in report
+
+
+@pytest.mark.skipif("estimator" not in inspect.signature(scores.similarity).parameters,
+                    reason="nnsim_fast.similarity has no estimator argument yet (issue 10)")
+def test_tiny_demo_with_the_sketch_estimator(tmp_path, capsys):
+    out = tmp_path / "sketch"
+    argv = ["demo", "--tiny", "--out", str(out), "--no-progress", "--quiet", "--no-figures",
+            "--estimator", "sketch"]
+    assert cli.main(argv) == 0
+    assert len(verdict_lines(capsys.readouterr().out)) == 8
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["sketch"]["estimator"] == "sketch"
+    matrices = np.array(results["similarity"]["hadamard"]["cka"]["matrices"])
+    assert matrices.shape == (4, 6, 6) and np.isfinite(matrices).all()
+
+
+def test_settings_overrides_are_checked():
+    tiny = demo.settings_for("tiny")
+    changed = demo.with_overrides(tiny, models_per_task=np.int64(3), m=64, epochs=1)
+    assert (changed.seeds_per_task, changed.m, changed.train.epochs) == (3, 64, 1)
+    with pytest.raises(ValueError, match="estimator 'exact' needs unsketched"):
+        demo.with_overrides(tiny, estimator="exact")
+    with pytest.raises(ValueError, match="spatial must be one of"):
+        demo.with_overrides(tiny, spatial="max")
+    files = demo.settings_for("quick", data_root="somewhere")
+    assert (files.width, files.spatial, files.m) == (8, "mean", 128)

@@ -23,7 +23,8 @@ def read_png(path):
 
 
 def test_importing_the_library_or_plot_does_not_import_matplotlib():
-    code = ("import sys, nnsim_fast, nnsim_fast.plot, nnsim_fast.cli, nnsim_fast.demo; "
+    code = ("import sys, nnsim_fast, nnsim_fast.plot, nnsim_fast.cli, nnsim_fast.app.demo, "
+            "nnsim_fast.app.compare; "
             "assert 'matplotlib' not in sys.modules, sorted(m for m in sys.modules if 'matplotlib' in m)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

@@ -1,4 +1,9 @@
-"""Benchmarks of the native ops against PyTorch and SciPy baselines, all measured in one run.
+"""The CPU benchmark harness: native ops against PyTorch and SciPy baselines, one run.
+
+Shared by the CPU suites in this folder (``results.py`` writes RESULTS.md,
+``bench_ops.py`` holds the pytest-benchmark cases, ``scale.py`` and
+``accuracy.py`` record the host) and by ``nnsim-fast bench`` in a source
+checkout.  It lives outside the package: nothing here ships in the wheel.
 
 Absolute times on a shared or throttled machine mean little, so every figure
 this module reports is a ratio to something measured in the same run:
@@ -21,7 +26,8 @@ after one warm-up call.
 
 Use :func:`run_benchmarks` for a results dict (JSON-serialisable),
 :func:`format_table` to print it, :func:`evaluate_targets` for the spec's
-performance targets, or :func:`main` as a command line.
+performance targets, or :func:`main` as a command line
+(``python benchmarks/harness.py --help``).
 """
 from __future__ import annotations
 
@@ -39,7 +45,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import ops
+try:
+    from nnsim_fast import ops
+except ImportError:  # run from a checkout that is not installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from nnsim_fast import ops
+from nnsim_fast.app.errors import UsageError
+from nnsim_fast.app.inputs import check_writable_file
 
 __all__ = [
     "FULL_SKETCH_SIZES", "QUICK_SKETCH_SIZES", "FULL_GRAM_SIZES", "QUICK_GRAM_SIZES",
@@ -224,6 +236,17 @@ def _summary(samples: Sequence[float]) -> Dict[str, object]:
 
 # --------------------------------------------------------------------------- machine
 
+def _bandwidth_samples(numel: int, repeats: int) -> Dict[str, List[float]]:
+    # The two buffers live only here, so they are freed before the GEMM allocates.
+    source = torch.empty(numel, dtype=torch.float32).fill_(1.0)
+    target = torch.empty_like(source).fill_(0.0)  # touch the pages before timing
+    samples, _ = time_round_robin({
+        "read": lambda: source.sum(),
+        "copy": lambda: target.copy_(source),
+    }, repeats)
+    return samples
+
+
 def measure_machine(repeats: int = 5, buffer_bytes: int = GIB, gemm_size: int = 2048
                     ) -> Dict[str, object]:
     """Read and copy bandwidth (GB/s, 1e9 bytes/s) and fp32 GEMM rate (GFLOP/s).
@@ -233,13 +256,7 @@ def measure_machine(repeats: int = 5, buffer_bytes: int = GIB, gemm_size: int = 
     gemm: ``torch.mm`` of two ``gemm_size``-square float32 matrices (2 n^3 / time).
     """
     numel = max(1, buffer_bytes // 4)
-    source = torch.empty(numel, dtype=torch.float32).fill_(1.0)
-    target = torch.empty_like(source).fill_(0.0)  # touch the pages before timing
-    samples, _ = time_round_robin({
-        "read": lambda: source.sum(),
-        "copy": lambda: target.copy_(source),
-    }, repeats)
-    del source, target
+    samples = _bandwidth_samples(numel, repeats)
     a = torch.randn(gemm_size, gemm_size)
     b = torch.randn(gemm_size, gemm_size)
     gemm, _ = time_round_robin({"gemm": lambda: torch.mm(a, b)}, repeats)
@@ -291,87 +308,95 @@ def scatter_add_sketch(xs: Sequence[torch.Tensor], buckets: torch.Tensor, signs:
                  for x in xs)
 
 
+class _Skip(Exception):
+    """A baseline that cannot run at this size or on this machine (the message says why)."""
+
+
+class _SketchCase:
+    """One sketch size: the inputs, and each row's bucket and sign from the native op's hash.
+
+    The baselines get the bucket and sign of every row precomputed (untimed) from
+    the same hash as the native op, except CSR+build (which times the hash too)
+    and SciPy (which draws its own hash).
+    """
+
+    def __init__(self, f: torch.Tensor, g: torch.Tensor, m: int, seed: int,
+                 dense_max_n: int) -> None:
+        self.f, self.g, self.m, self.seed, self.dense_max_n = f, g, m, seed, dense_max_n
+        self.n = f.shape[0]
+        buckets, signs = ops.sketch_hash(self.n, m, seed)
+        self.buckets, self.signs = buckets[:, 0].contiguous(), signs[:, 0].contiguous()
+
+
+def _index_add(case: _SketchCase) -> Callable[[], object]:
+    return lambda: index_add_sketch((case.f, case.g), case.buckets, case.signs, case.m)
+
+
+def _scatter_add(case: _SketchCase) -> Callable[[], object]:
+    return lambda: scatter_add_sketch((case.f, case.g), case.buckets, case.signs, case.m)
+
+
+def _csr(case: _SketchCase) -> Callable[[], object]:
+    matrix = csr_sketch(case.buckets, case.signs, case.m)
+    return lambda: (torch.sparse.mm(matrix, case.f), torch.sparse.mm(matrix, case.g))
+
+
+def _csr_build(case: _SketchCase) -> Callable[[], object]:
+    def run():
+        buckets, signs = ops.sketch_hash(case.n, case.m, case.seed)
+        built = csr_sketch(buckets[:, 0].contiguous(), signs[:, 0].contiguous(), case.m)
+        return torch.sparse.mm(built, case.f), torch.sparse.mm(built, case.g)
+    return run
+
+
+def _dense(case: _SketchCase) -> Callable[[], object]:
+    if case.n > case.dense_max_n:
+        raise _Skip(f"n > {case.dense_max_n}")
+    matrix = ops.sketch_matrix(case.n, case.m, case.seed, dtype=torch.float32)
+    return lambda: (matrix @ case.f, matrix @ case.g)
+
+
+def _scipy_cwt(case: _SketchCase) -> Callable[[], object]:
+    try:
+        from scipy.linalg import clarkson_woodruff_transform
+    except ImportError:
+        raise _Skip("scipy not installed") from None
+    f_numpy = case.f.numpy()
+
+    def run():
+        # One input only; the reported time is doubled for the pair.
+        clarkson_woodruff_transform(f_numpy, case.m, seed=case.seed)
+        return None
+    return run
+
+
+_BASELINE_BUILDERS: Dict[str, Callable[[_SketchCase], Callable[[], object]]] = {
+    "index_add": _index_add, "scatter_add": _scatter_add, "csr": _csr,
+    "csr_build": _csr_build, "dense": _dense, "scipy_cwt": _scipy_cwt,
+}
+
+
 def _sketch_methods(f: torch.Tensor, g: torch.Tensor, m: int, seed: int,
                     baselines: Iterable[str], dense_max_n: int
                     ) -> Tuple[Dict[str, Callable[[], object]], Dict[str, str]]:
-    """The timed callables for one size; each returns (S f, S g) or None.
-
-    The baselines get the bucket and sign of every row precomputed (untimed)
-    from the same hash as the native op, except CSR+build (which times the
-    hash too) and SciPy (which draws its own hash).
-    """
-    n, d = f.shape
-    buckets_2d, signs_2d = ops.sketch_hash(n, m, seed)
-    buckets, signs = buckets_2d[:, 0].contiguous(), signs_2d[:, 0].contiguous()
-    skipped: Dict[str, str] = {}
+    """The timed callables for one size (each returns (S f, S g) or None), and the
+    baselines skipped with the reason."""
+    case = _SketchCase(f, g, m, seed, dense_max_n)
     acc_f = torch.zeros(m, f.shape[1], dtype=torch.float32)
     acc_g = torch.zeros(m, g.shape[1], dtype=torch.float32)
-
     fns: Dict[str, Callable[[], object]] = {
         # Pure read of the same bytes: the floor any sketch of f and g must pay.
         "read_floor": lambda: (f.sum(), g.sum()),
         "ours": lambda: ops.countsketch_pair(f, g, m, seed),
-    }
-
-    def ours_inplace():
         # Streaming accumulation: repeated calls keep adding, which costs the same.
-        ops.countsketch_pair_(acc_f, acc_g, f, g, seed)
-
-    fns["ours_inplace"] = ours_inplace
-
-    def index_add():
-        return index_add_sketch((f, g), buckets, signs, m)
-
-    def scatter_add():
-        return scatter_add_sketch((f, g), buckets, signs, m)
-
-    matrix = None
-
-    def csr():
-        return torch.sparse.mm(matrix, f), torch.sparse.mm(matrix, g)
-
-    def csr_build():
-        rows_b, rows_s = ops.sketch_hash(n, m, seed)
-        built = csr_sketch(rows_b[:, 0].contiguous(), rows_s[:, 0].contiguous(), m)
-        return torch.sparse.mm(built, f), torch.sparse.mm(built, g)
-
-    dense_matrix = None
-
-    def dense():
-        return dense_matrix @ f, dense_matrix @ g
-
-    f_numpy = None
-
-    def scipy_cwt():
-        # One input only; the reported time is doubled for the pair.
-        from scipy.linalg import clarkson_woodruff_transform
-        clarkson_woodruff_transform(f_numpy, m, seed=seed)
-        return None
-
+        "ours_inplace": lambda: ops.countsketch_pair_(acc_f, acc_g, f, g, seed),
+    }
+    skipped: Dict[str, str] = {}
     for name in _check_baselines(baselines):
-        if name == "index_add":
-            fns[name] = index_add
-        elif name == "scatter_add":
-            fns[name] = scatter_add
-        elif name == "csr":
-            matrix = csr_sketch(buckets, signs, m)
-            fns[name] = csr
-        elif name == "csr_build":
-            fns[name] = csr_build
-        elif name == "dense":
-            if n > dense_max_n:
-                skipped[name] = f"n > {dense_max_n}"
-                continue
-            dense_matrix = ops.sketch_matrix(n, m, seed, dtype=torch.float32)
-            fns[name] = dense
-        elif name == "scipy_cwt":
-            try:
-                import scipy.linalg  # noqa: F401
-            except ImportError:
-                skipped[name] = "scipy not installed"
-                continue
-            f_numpy = f.numpy()
-            fns[name] = scipy_cwt
+        try:
+            fns[name] = _BASELINE_BUILDERS[name](case)
+        except _Skip as reason:
+            skipped[name] = str(reason)
     return fns, skipped
 
 
@@ -552,6 +577,66 @@ def _check_sizes(sizes, name: str) -> List[Tuple[int, int, int]]:
     return out
 
 
+class _Progress:
+    """A tqdm bar over the benchmark cases, or nothing."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc="bench", unit="case", file=sys.stderr, leave=False)
+
+    def step(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(label)
+
+    def done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _scaling_size(sketch_rows: Sequence[Dict[str, object]]) -> Optional[Tuple[int, int, int]]:
+    """The target size when it was measured, else the largest measured size (None: none)."""
+    measured = [(r["n"], r["d"], r["m"]) for r in sketch_rows if r["status"] == "ok"]
+    if not measured:
+        return None
+    if TARGET_SKETCH_SIZE in measured:
+        return TARGET_SKETCH_SIZE
+    return max(measured, key=lambda s: s[0] * s[1])
+
+
+def _measure(sizes, gram_sizes, baselines, repeats: int, seed: int, scaling: bool,
+             max_input_bytes: int, bar: _Progress) -> Dict[str, object]:
+    bar.step("machine")
+    machine = measure_machine(repeats)
+    bar.done()
+    sketch_rows = []
+    for n, d, m in sizes:
+        bar.step(f"sketch n={n} d={d} m={m}")
+        sketch_rows.append(bench_sketch(n, d, m, repeats=repeats, seed=seed, baselines=baselines,
+                                        max_input_bytes=max_input_bytes,
+                                        read_gbs=machine["read_gbs"]))
+        bar.done()
+    gram_rows = []
+    for batch, m, d in gram_sizes:
+        bar.step(f"gram B={batch} m={m} d={d}")
+        gram_rows.append(bench_gram(batch, m, d, repeats=repeats, seed=seed,
+                                    gemm_gflops=machine["gemm_gflops"]))
+        bar.done()
+    scaling_result = None
+    size = _scaling_size(sketch_rows) if scaling else None
+    if size is not None:
+        bar.step(f"scaling n={size[0]} d={size[1]} m={size[2]}")
+        scaling_result = bench_scaling(*size, repeats=repeats, seed=seed)
+        bar.done()
+    return {"machine": machine, "sketch": sketch_rows, "gram": gram_rows,
+            "scaling": scaling_result}
+
+
 def run_benchmarks(sizes: Optional[Sequence[Tuple[int, int, int]]] = None, quick: bool = True,
                    repeats: Optional[int] = None, progress: bool = False, *,
                    gram_sizes: Optional[Sequence[Tuple[int, int, int]]] = None,
@@ -581,62 +666,21 @@ def run_benchmarks(sizes: Optional[Sequence[Tuple[int, int, int]]] = None, quick
                               (QUICK_GRAM_SIZES if quick else FULL_GRAM_SIZES), "gram_sizes")
     baselines = _check_baselines(baselines if baselines is not None else
                                  (QUICK_BASELINES if quick else SKETCH_BASELINES))
-
-    steps = 1 + len(sizes) + len(gram_sizes) + (1 if scaling and sizes else 0)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=steps, desc="bench", unit="case", file=sys.stderr, leave=False)
-
-    def step(label: str) -> None:
-        if bar is not None:
-            bar.set_postfix_str(label)
-
-    def done() -> None:
-        if bar is not None:
-            bar.update(1)
-
     host = host_info()
     started = time.perf_counter()
+    bar = _Progress(1 + len(sizes) + len(gram_sizes) + (1 if scaling and sizes else 0), progress)
     try:
-        step("machine")
-        machine = measure_machine(repeats)
-        done()
-        sketch_rows = []
-        for n, d, m in sizes:
-            step(f"sketch n={n} d={d} m={m}")
-            sketch_rows.append(bench_sketch(n, d, m, repeats=repeats, seed=seed,
-                                            baselines=baselines,
-                                            max_input_bytes=max_input_bytes,
-                                            read_gbs=machine["read_gbs"]))
-            done()
-        gram_rows = []
-        for batch, m, d in gram_sizes:
-            step(f"gram B={batch} m={m} d={d}")
-            gram_rows.append(bench_gram(batch, m, d, repeats=repeats, seed=seed,
-                                        gemm_gflops=machine["gemm_gflops"]))
-            done()
-        scaling_result = None
-        measured = [(r["n"], r["d"], r["m"]) for r in sketch_rows if r["status"] == "ok"]
-        if scaling and measured:
-            size = (TARGET_SKETCH_SIZE if TARGET_SKETCH_SIZE in measured
-                    else max(measured, key=lambda s: s[0] * s[1]))
-            step(f"scaling n={size[0]} d={size[1]} m={size[2]}")
-            scaling_result = bench_scaling(*size, repeats=repeats, seed=seed)
-            done()
+        measured = _measure(sizes, gram_sizes, baselines, repeats, seed, scaling,
+                            max_input_bytes, bar)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return {
         "host": host,
         "config": {"quick": quick, "repeats": repeats, "seed": seed,
                    "baselines": list(baselines), "sizes": [list(s) for s in sizes],
                    "gram_sizes": [list(s) for s in gram_sizes],
                    "max_input_bytes": max_input_bytes, "dtype": "float32", "sparsity": 1},
-        "machine": machine,
-        "sketch": sketch_rows,
-        "gram": gram_rows,
-        "scaling": scaling_result,
+        **measured,
         "elapsed_s": time.perf_counter() - started,
         # Other work on the machine shows up here; compare with host.load_average.
         "load_average_after": _load_average(),
@@ -842,7 +886,7 @@ def format_table(results: Dict[str, object]) -> str:
 
 # --------------------------------------------------------------------------- command line
 
-def build_parser(prog: str = "nnsim-fast bench") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python benchmarks/harness.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Benchmark the native ops against PyTorch/SciPy baselines and the "
@@ -886,9 +930,17 @@ def run_from_args(args) -> Optional[Dict[str, object]]:
                           progress=not args.no_progress)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python benchmarks/harness.py") -> int:
     """Command line: run the benchmarks, print the tables and targets; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
+    try:
+        # Found now, not after minutes of measuring.
+        for option, path in (("--json", args.json), ("--markdown", args.markdown)):
+            if path:
+                check_writable_file(path, option)
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
     results = run_from_args(args)
     if results is None:
         return 2
