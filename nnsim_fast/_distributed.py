@@ -12,20 +12,15 @@ from typing import Dict, List
 
 import torch
 
-from .state import RowSet
+from .state import COMPARED_META, RowSet, zeros_like_structure
 
 
 def _describe(rep) -> Dict:
     return {"m": rep.m, "seed": rep.seed, "sparsity": rep.sparsity, "options": dict(rep.options),
-            "dtype": str(rep.dtype), "compared": {k: rep.meta.get(k) for k in _compared()},
+            "dtype": str(rep.dtype), "compared": {k: rep.meta.get(k) for k in COMPARED_META},
             "row_keys": rep.row_keys, "n": rep.n, "broken": rep._broken,
             "layers": [[name, layer.structure()] for name, layer in rep.layers.items()],
             "intervals": rep.rows.intervals}
-
-
-def _compared():
-    from .sketch import COMPARED_META
-    return COMPARED_META
 
 
 def _agree(gathered: List[Dict], key: str, pool: List[int]) -> None:
@@ -68,7 +63,6 @@ def check(gathered: List[Dict]) -> Dict:
 
 def all_reduce(rep, group=None) -> None:
     import torch.distributed as dist
-    from .sketch import zeros_like_structure
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("all_reduce needs an initialised torch.distributed process group")
     gathered: List = [None] * dist.get_world_size(group)

@@ -36,12 +36,13 @@ Labels, for both functions, are chosen by ``labels``:
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from ._checks import check_bool, check_choice, check_float, check_int, check_optional_int
 from .extract import eval_mode
 
 __all__ = [
@@ -54,6 +55,8 @@ __all__ = [
 
 _LABEL_MODES = ("model", "expected", "true")
 
+_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
 Batch = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -65,11 +68,6 @@ Batch = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-
-
-def _check_labels_mode(labels: Any) -> None:
-    if not isinstance(labels, str) or labels not in _LABEL_MODES:
-        raise ValueError(f"labels must be one of {_LABEL_MODES}, got {labels!r}")
 
 
 def _check_generator(generator: Any) -> torch.Generator:
@@ -118,26 +116,32 @@ def _split_batch(batch: Any, need_labels: bool) -> Tuple[torch.Tensor, Optional[
     elif isinstance(batch, (tuple, list)) and len(batch) == 2:
         x, y = batch
     else:
+        length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
         raise TypeError(
-            "data must yield tensors x or pairs (x, y); got a batch of type "
-            f"{type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            f"data must yield tensors x or pairs (x, y); got a batch of type {type(batch).__name__}{length}"
         )
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"data: the inputs x of a batch must be a tensor, got {type(x).__name__}")
     if x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError(f"data: a batch must have a leading, non-empty batch axis, got x of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"data: a batch must have a leading, non-empty batch axis, got x of shape {tuple(x.shape)}"
+        )
     if need_labels:
-        if y is None:
-            raise ValueError('data: labels="true" needs batches (x, y), but a batch holds only x')
-        if not isinstance(y, torch.Tensor):
-            raise TypeError(f"data: the labels y of a batch must be a tensor, got {type(y).__name__}")
-        if y.dim() != 1 or y.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"data: labels y must have shape [B] matching x of shape {tuple(x.shape)}, got {tuple(y.shape)}"
-            )
-        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-            raise TypeError(f"data: labels y must be an integer tensor of class indices, got dtype {y.dtype}")
+        _check_batch_labels(x, y)
     return x, y
+
+
+def _check_batch_labels(x: torch.Tensor, y: Any) -> None:
+    if y is None:
+        raise ValueError('data: labels="true" needs batches (x, y), but a batch holds only x')
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"data: the labels y of a batch must be a tensor, got {type(y).__name__}")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"data: labels y must have shape [B] matching x of shape {tuple(x.shape)}, got {tuple(y.shape)}"
+        )
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"data: labels y must be an integer tensor of class indices, got dtype {y.dtype}")
 
 
 def _check_logits(logits: Any, batch_size: int) -> torch.Tensor:
@@ -168,6 +172,22 @@ def _sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Te
     return drawn.squeeze(1).to(logits.device)
 
 
+def _batch_targets(
+    labels: str,
+    y: Optional[torch.Tensor],
+    logits: torch.Tensor,
+    generator: Optional[torch.Generator],
+    device: torch.device,
+) -> torch.Tensor:
+    """The class y of each sample for ``labels="true"`` (the batch's) or ``"model"`` (drawn)."""
+    if labels == "true":
+        assert y is not None
+        _check_true_labels(y, logits.shape[1])
+        return y.to(device=device, dtype=torch.long)
+    assert generator is not None
+    return _sample_labels(logits, generator)
+
+
 def _progress(iterable: Iterable[Any], enabled: bool, description: str) -> Iterable[Any]:
     if not enabled:
         return iterable
@@ -176,26 +196,6 @@ def _progress(iterable: Iterable[Any], enabled: bool, description: str) -> Itera
     except ImportError:  # progress is a convenience, never a requirement
         return iterable
     return tqdm(iterable, desc=description)
-
-
-def _check_max_samples(max_samples: Any) -> Optional[int]:
-    if max_samples is None:
-        return None
-    if isinstance(max_samples, bool) or not isinstance(max_samples, int):
-        raise TypeError(f"max_samples must be a positive int or None, got {type(max_samples).__name__}")
-    if max_samples < 1:
-        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
-    return max_samples
-
-
-def _check_chunk_size(chunk_size: Any) -> Optional[int]:
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return chunk_size
 
 
 def _iterate_batches(
@@ -260,17 +260,52 @@ def task2vec_embedding(
         elements, in ``model.named_parameters()`` order, each parameter flattened row-major.
     """
     _check_model(model)
-    _check_labels_mode(labels)
-    max_samples = _check_max_samples(max_samples)
-    chunk_size = _check_chunk_size(chunk_size)
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+    check_choice(labels, "labels", _LABEL_MODES)
+    max_samples = check_optional_int(max_samples, "max_samples", low=1)
+    chunk_size = check_optional_int(chunk_size, "chunk_size", low=1)
+    progress = check_bool(progress, "progress")
     generator = _check_generator(generator) if labels == "model" else None
     compute_device = _resolve_device(model, device)
     trainable, fixed = _functional_state(model, compute_device)
     if not trainable:
         raise ValueError("model has no trainable parameters (none with requires_grad=True)")
-    names = list(trainable)
+    logits_of, gradient, jacobian = _log_probability_derivatives(model, fixed, chunk_size)
+
+    totals = {
+        name: torch.zeros(tensor.shape, dtype=torch.float64, device=compute_device)
+        for name, tensor in trainable.items()
+    }
+    count = 0
+    with eval_mode(model):
+        for x, y in _iterate_batches(data, labels == "true", max_samples, progress, "task2vec"):
+            x = x.to(compute_device)
+            with torch.no_grad():
+                logits = _check_logits(logits_of(trainable, x), x.shape[0])
+            if labels == "expected":
+                _add_expected_squares(totals, *jacobian(trainable, x))
+            else:
+                targets = _batch_targets(labels, y, logits, generator, compute_device)
+                _add_squares(totals, gradient(trainable, x, targets))
+            count += x.shape[0]
+    if count == 0:
+        raise ValueError("data yielded no samples")
+    return torch.cat([total.reshape(-1) for total in totals.values()]) / count
+
+
+def _log_probability_derivatives(
+    model: nn.Module, fixed: Dict[str, torch.Tensor], chunk_size: Optional[int]
+) -> Tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+    """The model's logits and the per-sample derivatives of log p(y|x), as functions of the parameters.
+
+    Returns ``(logits_of, gradient, jacobian)``:
+
+    * ``logits_of(params, x)``: logits [B, C] of a batch;
+    * ``gradient(params, x, y)``: per parameter, d log p(y_i|x_i) / d theta [B, *shape];
+    * ``jacobian(params, x)``: per parameter, the same for every class [B, C, *shape], and
+      p(.|x_i) [B, C] (detached).
+
+    The derivatives are vmapped over the batch, ``chunk_size`` samples at a time.
+    """
 
     def logits_of(params: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(model, (params, fixed), (x,))
@@ -285,40 +320,30 @@ def task2vec_embedding(
         log_probabilities = torch.log_softmax(logits_of(params, x.unsqueeze(0)), dim=-1)[0]
         return log_probabilities, log_probabilities.detach().exp()
 
-    per_sample_grad = vmap(grad(log_probability), in_dims=(None, 0, 0), chunk_size=chunk_size)
-    per_sample_jacobian = vmap(
-        jacrev(all_log_probabilities, has_aux=True), in_dims=(None, 0), chunk_size=chunk_size
-    )
+    gradient = vmap(grad(log_probability), in_dims=(None, 0, 0), chunk_size=chunk_size)
+    jacobian = vmap(jacrev(all_log_probabilities, has_aux=True), in_dims=(None, 0), chunk_size=chunk_size)
+    return logits_of, gradient, jacobian
 
-    totals = {name: torch.zeros(t.shape, dtype=torch.float64, device=compute_device) for name, t in trainable.items()}
-    count = 0
-    with eval_mode(model):
-        for x, y in _iterate_batches(data, labels == "true", max_samples, progress, "task2vec"):
-            x = x.to(compute_device)
-            with torch.no_grad():
-                logits = _check_logits(logits_of(trainable, x), x.shape[0])
-            if labels == "expected":
-                jacobians, probabilities = per_sample_jacobian(trainable, x)
-                weights = probabilities.to(torch.float64)  # [B, C]
-                for name in names:
-                    squared = jacobians[name].to(torch.float64).square()  # [B, C, *shape]
-                    weighted = squared * weights.reshape(weights.shape + (1,) * (squared.dim() - 2))
-                    totals[name] += weighted.sum(dim=(0, 1))
-            else:
-                if labels == "true":
-                    assert y is not None
-                    _check_true_labels(y, logits.shape[1])
-                    targets = y.to(device=compute_device, dtype=torch.long)
-                else:
-                    assert generator is not None
-                    targets = _sample_labels(logits, generator)
-                gradients = per_sample_grad(trainable, x, targets)
-                for name in names:
-                    totals[name] += gradients[name].to(torch.float64).square().sum(dim=0)
-            count += x.shape[0]
-    if count == 0:
-        raise ValueError("data yielded no samples")
-    return torch.cat([totals[name].reshape(-1) for name in names]) / count
+
+def _add_squares(totals: Dict[str, torch.Tensor], gradients: Dict[str, torch.Tensor]) -> None:
+    """Add the squared per-sample gradients [B, *shape], summed over the batch, to ``totals``."""
+    for name in totals:
+        totals[name] += gradients[name].to(torch.float64).square().sum(dim=0)
+
+
+def _add_expected_squares(
+    totals: Dict[str, torch.Tensor], jacobians: Dict[str, torch.Tensor], probabilities: torch.Tensor
+) -> None:
+    """Add E_{y ~ p(.|x)} of the squared gradients, summed over the batch, to ``totals``.
+
+    The expectation is exact: each class's squared gradient [B, C, *shape] weighted by its
+    probability [B, C].
+    """
+    weights = probabilities.to(torch.float64)
+    for name in totals:
+        squared = jacobians[name].to(torch.float64).square()
+        weighted = squared * weights.reshape(weights.shape + (1,) * (squared.dim() - 2))
+        totals[name] += weighted.sum(dim=(0, 1))
 
 
 def task2vec_distance(e1: torch.Tensor, e2: torch.Tensor, *, normalize: bool = False) -> float:
@@ -338,10 +363,10 @@ def task2vec_distance(e1: torch.Tensor, e2: torch.Tensor, *, normalize: bool = F
     second = _as_embedding(e2, "e2")
     if first.shape != second.shape:
         raise ValueError(
-            f"e1 and e2 must have the same length (same architecture), got {tuple(first.shape)} and {tuple(second.shape)}"
+            "e1 and e2 must have the same length (same architecture), "
+            f"got {tuple(first.shape)} and {tuple(second.shape)}"
         )
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    normalize = check_bool(normalize, "normalize")
     first = first.to(device=second.device)
     if normalize:
         if bool((first < 0).any()) or bool((second < 0).any()):
@@ -368,7 +393,7 @@ def _as_embedding(value: Any, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must be a vector [P], got shape {tuple(value.shape)}")
     if value.numel() == 0:
         raise ValueError(f"{name} must not be empty")
-    if not (value.dtype.is_floating_point or value.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+    if not (value.dtype.is_floating_point or value.dtype in _INTEGER_DTYPES):
         raise TypeError(f"{name} must hold real numbers, got dtype {value.dtype}")
     result = value.detach().to(torch.float64)
     if not bool(torch.isfinite(result).all()):
@@ -431,16 +456,10 @@ def fisher_rao_norm(
         the norm (not its square), a float >= 0.
     """
     _check_model(model)
-    _check_labels_mode(labels)
-    max_samples = _check_max_samples(max_samples)
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
-    if depth is None:
-        depth = default_depth(model)
-    elif isinstance(depth, bool) or not isinstance(depth, int):
-        raise TypeError(f"depth must be a non-negative int or None, got {type(depth).__name__}")
-    elif depth < 0:
-        raise ValueError(f"depth must be >= 0, got {depth}")
+    check_choice(labels, "labels", _LABEL_MODES)
+    max_samples = check_optional_int(max_samples, "max_samples", low=1)
+    progress = check_bool(progress, "progress")
+    depth = default_depth(model) if depth is None else check_int(depth, "depth", low=0)
     generator = _check_generator(generator) if labels == "model" else None
     compute_device = _resolve_device(model, device)
     trainable, fixed = _functional_state(model, compute_device)
@@ -458,13 +477,7 @@ def fisher_rao_norm(
                 # E_y (<f, p> - f_y)^2 over y ~ p is the variance of the logits under p.
                 total += (probabilities * (logits64 - mean_logit[:, None]).square()).sum()
             else:
-                if labels == "true":
-                    assert y is not None
-                    _check_true_labels(y, logits.shape[1])
-                    targets = y.to(device=compute_device, dtype=torch.long)
-                else:
-                    assert generator is not None
-                    targets = _sample_labels(logits, generator)
+                targets = _batch_targets(labels, y, logits, generator, compute_device)
                 inner = mean_logit - logits64.gather(1, targets[:, None]).squeeze(1)
                 total += inner.square().sum()
             count += x.shape[0]
@@ -491,9 +504,4 @@ def _as_positive_norm(value: Any, name: str) -> float:
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return value
+    return check_float(value, name, low=0.0, low_open=True)

@@ -157,7 +157,8 @@ def _stack(Ks: KernelStack, name: str) -> Tensor:
                 f"all kernels in {name} must have the same shape, got {name}[0] with shape "
                 f"{_shape(Ks[0])} and {item} with shape {_shape(K)}")
         if K.device != Ks[0].device:
-            raise ValueError(f"all kernels in {name} must be on one device, got {Ks[0].device} and {K.device}")
+            raise ValueError(
+                f"all kernels in {name} must be on one device, got {Ks[0].device} and {K.device}")
         kernels.append(_to_float64(K, item))
     return torch.stack(kernels)
 
@@ -231,7 +232,8 @@ def _unit_kernels(K: Tensor, centering: str) -> Tensor:
 def _cka_centering(centered: bool, debiased: bool) -> str:
     if debiased:
         if not centered:
-            raise ValueError("debiased=True always centres the kernels; it cannot be combined with centered=False")
+            raise ValueError(
+                "debiased=True always centres the kernels; it cannot be combined with centered=False")
         return "u_center"
     return "center" if centered else "none"
 

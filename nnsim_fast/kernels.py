@@ -157,3 +157,48 @@ _OPTION_FOR = {
     "fg": "sketch with sketch_model(..., product=True)",
     "f": "features are always kept; the representation is damaged",
 }
+
+
+# --------------------------------------------------------------------------- estimator input
+
+#: The factor(s) whose data-centred Grams make each kind's kernel (summed).
+_GRAM_FACTORS = {"feature": ("f",), "gradient": ("g",), "sum": ("f", "g"),
+                 "khatri_rao": ("fg",), "hadamard": ("psi",), "psi": ("psi",)}
+
+
+def _factor_gram(stats: Mapping[str, torch.Tensor], which: str, ones: torch.Tensor, n: int,
+                 sparsity: int, kind: str):
+    from .estimators import centred_gram
+    sketch = stats.get(f"sketch_{which}")
+    if sketch is None:
+        raise ValueError(f"kind={kind!r} needs a statistic this representation lacks; "
+                         f"{_OPTION_FOR[which]}")
+    if which == "psi":
+        # Two independent TensorSketch halves of psi; the row norms |psi_i|^2 =
+        # |f_i|^2 |g_i|^2 are exact and serve both halves.
+        sqnorm = stats["sketch_sqnorm_psi"].expand(2, -1)
+        total = stats["trace"].reshape(1).expand(2)
+        return centred_gram(sketch.to(torch.float64), stats["sum_psi"], ones, n, sqnorm, total,
+                            sparsity)
+    return centred_gram(sketch.to(torch.float64).unsqueeze(0), stats[f"sum_{which}"].unsqueeze(0),
+                        ones, n, stats[f"sketch_sqnorm_{which}"].unsqueeze(0),
+                        stats[f"sqnorm_{which}"].reshape(1), sparsity)
+
+
+def sketched_grams(layers: Sequence[Mapping[str, torch.Tensor]], sketch_ones: torch.Tensor,
+                   n: int, kind: str, sparsity: int = 1):
+    """The :class:`~nnsim_fast.estimators.SketchedGram` of the given layers' data-centred
+    kernels of ``kind`` (what the collision-corrected estimators take)."""
+    from .estimators import stack_grams
+    check_choice(kind, "kind", KINDS)
+    if kind not in _GRAM_FACTORS:
+        raise ValueError(f"kind={kind!r} is not a linear function of the data's Gram matrices, "
+                         "so it has no collision-corrected estimator; use estimator='plugin' "
+                         "(or 'paper', or 'exact' on a subset)")
+    ones = sketch_ones.to(torch.float64).reshape(-1)
+    grams = []
+    for stats in layers:
+        parts = [_factor_gram(stats, which, ones, n, sparsity, kind)
+                 for which in _GRAM_FACTORS[kind]]
+        grams.append(parts[0] if len(parts) == 1 else parts[0] + parts[1])
+    return stack_grams(grams)

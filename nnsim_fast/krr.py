@@ -46,10 +46,11 @@ heuristic for the sample-level error, exact for the identity sketch.
 
 from __future__ import annotations
 
-import math
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
+
+from ._checks import check_choice, check_float, check_int
 
 __all__ = ["SketchedKRR", "onehot", "sketch_targets", "DEFAULT_RELATIVE_ALPHAS"]
 
@@ -58,6 +59,20 @@ DEFAULT_RELATIVE_ALPHAS: tuple = tuple(10.0 ** (-6 + 0.25 * step) for step in ra
 
 _CRITERIA = ("loo", "gcv")
 
+_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _check_integer_dtype(indices: torch.Tensor, name: str) -> None:
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {indices.dtype}")
+
+
+def _check_indices_below(indices: torch.Tensor, upper: int, name: str) -> None:
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= upper):
+        raise ValueError(
+            f"{name} must lie in [0, {upper}), got values in [{int(indices.min())}, {int(indices.max())}]"
+        )
+
 
 def onehot(labels: torch.Tensor, num_classes: int, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """One-hot matrix [n, num_classes] of integer class indices ``labels`` [n] in [0, num_classes)."""
@@ -65,16 +80,9 @@ def onehot(labels: torch.Tensor, num_classes: int, *, dtype: torch.dtype = torch
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dim() != 1:
         raise ValueError(f"labels must be a vector [n], got shape {tuple(labels.shape)}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(
-            f"labels must lie in [0, {num_classes}), got values in [{int(labels.min())}, {int(labels.max())}]"
-        )
+    _check_integer_dtype(labels, "labels")
+    num_classes = check_int(num_classes, "num_classes", low=1)
+    _check_indices_below(labels, num_classes, "labels")
     result = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
     result[torch.arange(labels.shape[0], device=labels.device), labels.long()] = 1
     return result
@@ -102,43 +110,62 @@ def sketch_targets(
     Returns:
         float64 [m, c].
     """
+    buckets, signs = _bucket_columns(targets, buckets, signs)
+    m = check_int(m, "m", low=1)
+    _check_indices_below(buckets, m, "buckets")
+    _check_signs(signs, buckets)
+    out = _target_accumulator(out, m, targets)
+    values = targets.to(device=out.device, dtype=torch.float64)
+    for block in range(buckets.shape[1]):
+        weighted = values
+        if signs is not None:
+            weighted = values * signs[:, block].to(device=out.device, dtype=torch.float64)[:, None]
+        out.index_add_(0, buckets[:, block].to(device=out.device, dtype=torch.long), weighted)
+    return out
+
+
+def _bucket_columns(
+    targets: Any, buckets: Any, signs: Any
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``buckets`` as [n, s] (one column per block) and ``signs`` reshaped to match when given as [n]."""
     if not isinstance(targets, torch.Tensor) or not isinstance(buckets, torch.Tensor):
         raise TypeError("targets and buckets must be torch.Tensors")
     if targets.dim() != 2:
         raise ValueError(f"targets must be a matrix [n, c], got shape {tuple(targets.shape)}")
-    if buckets.dtype.is_floating_point or buckets.dtype.is_complex or buckets.dtype == torch.bool:
-        raise TypeError(f"buckets must be an integer tensor, got dtype {buckets.dtype}")
+    _check_integer_dtype(buckets, "buckets")
     if buckets.dim() == 1:
         buckets = buckets[:, None]
         if signs is not None and isinstance(signs, torch.Tensor) and signs.dim() == 1:
             signs = signs[:, None]
     if buckets.dim() != 2 or buckets.shape[0] != targets.shape[0]:
         raise ValueError(
-            f"buckets must have shape [n] or [n, s] with n = {targets.shape[0]} (targets {tuple(targets.shape)}), "
-            f"got {tuple(buckets.shape)}"
+            f"buckets must have shape [n] or [n, s] with n = {targets.shape[0]} "
+            f"(targets {tuple(targets.shape)}), got {tuple(buckets.shape)}"
         )
-    if isinstance(m, bool) or not isinstance(m, int):
-        raise TypeError(f"m must be an int, got {type(m).__name__}")
-    if m < 1:
-        raise ValueError(f"m must be >= 1, got {m}")
-    if buckets.numel() and (int(buckets.min()) < 0 or int(buckets.max()) >= m):
-        raise ValueError(f"buckets must lie in [0, {m}), got values in [{int(buckets.min())}, {int(buckets.max())}]")
-    if signs is not None:
-        if not isinstance(signs, torch.Tensor):
-            raise TypeError(f"signs must be a torch.Tensor or None, got {type(signs).__name__}")
-        if signs.shape != buckets.shape:
-            raise ValueError(f"signs must have the shape of buckets {tuple(buckets.shape)}, got {tuple(signs.shape)}")
-    if out is None:
-        out = torch.zeros(m, targets.shape[1], dtype=torch.float64, device=targets.device)
-    elif not isinstance(out, torch.Tensor) or out.shape != (m, targets.shape[1]) or out.dtype != torch.float64:
+    return buckets, signs
+
+
+def _check_signs(signs: Any, buckets: torch.Tensor) -> None:
+    if signs is None:
+        return
+    if not isinstance(signs, torch.Tensor):
+        raise TypeError(f"signs must be a torch.Tensor or None, got {type(signs).__name__}")
+    if signs.shape != buckets.shape:
         raise ValueError(
-            f"out must be a float64 tensor of shape {(m, targets.shape[1])}, got "
+            f"signs must have the shape of buckets {tuple(buckets.shape)}, got {tuple(signs.shape)}"
+        )
+
+
+def _target_accumulator(out: Any, m: int, targets: torch.Tensor) -> torch.Tensor:
+    """The caller's float64 [m, c] ``out`` (streaming), or a new zero one on the targets' device."""
+    shape = (m, targets.shape[1])
+    if out is None:
+        return torch.zeros(shape, dtype=torch.float64, device=targets.device)
+    if not isinstance(out, torch.Tensor) or out.shape != shape or out.dtype != torch.float64:
+        raise ValueError(
+            f"out must be a float64 tensor of shape {shape}, got "
             f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
         )
-    values = targets.to(device=out.device, dtype=torch.float64)
-    for block in range(buckets.shape[1]):
-        weighted = values if signs is None else values * signs[:, block].to(device=out.device, dtype=torch.float64)[:, None]
-        out.index_add_(0, buckets[:, block].to(device=out.device, dtype=torch.long), weighted)
     return out
 
 
@@ -147,7 +174,7 @@ def _as_float64_matrix(value: Any, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dim() != 2:
         raise ValueError(f"{name} must be a matrix, got shape {tuple(value.shape)}")
-    if not (value.dtype.is_floating_point or value.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+    if not (value.dtype.is_floating_point or value.dtype in _INTEGER_DTYPES):
         raise TypeError(f"{name} must hold real numbers, got dtype {value.dtype}")
     result = value.detach().to(torch.float64)
     if not bool(torch.isfinite(result).all()):
@@ -172,8 +199,7 @@ class SketchedKRR:
     """
 
     def __init__(self, criterion: str = "loo", relative_alphas: Optional[Sequence[float]] = None) -> None:
-        if not isinstance(criterion, str) or criterion not in _CRITERIA:
-            raise ValueError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
+        check_choice(criterion, "criterion", _CRITERIA)
         if relative_alphas is None:
             relative_alphas = DEFAULT_RELATIVE_ALPHAS
         grid = [self._check_alpha(value, "relative_alphas") for value in relative_alphas]
@@ -191,14 +217,10 @@ class SketchedKRR:
 
     @staticmethod
     def _check_alpha(value: Any, name: str) -> float:
+        # check_float takes 0-d tensors only; an alpha may also come as a one-element tensor such as [1].
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must hold real numbers, got {type(value).__name__}")
-        value = float(value)
-        if not math.isfinite(value) or value <= 0.0:
-            raise ValueError(f"{name} must be finite and > 0, got {value}")
-        return value
+        return check_float(value, name, low=0.0, low_open=True)
 
     def _coefficients(self, alpha: float) -> torch.Tensor:
         # Rotated targets U^T T are computed once in fit; here only the diagonal scaling changes.
@@ -234,7 +256,8 @@ class SketchedKRR:
             raise ValueError("K must not be empty")
         if targets.shape[0] != kernel.shape[0] or targets.shape[1] < 1:
             raise ValueError(
-                f"T must have shape [m, c] with m = {kernel.shape[0]} (K {tuple(kernel.shape)}), got {tuple(targets.shape)}"
+                f"T must have shape [m, c] with m = {kernel.shape[0]} (K {tuple(kernel.shape)}), "
+                f"got {tuple(targets.shape)}"
             )
         targets = targets.to(kernel.device)
         if alpha is not None:
@@ -266,7 +289,9 @@ class SketchedKRR:
         cross = _as_float64_matrix(k_star, "k_star")
         m = self.dual_coef_.shape[0]
         if cross.shape[1] != m:
-            raise ValueError(f"k_star must have shape [n*, {m}] to match K [{m}, {m}], got {tuple(cross.shape)}")
+            raise ValueError(
+                f"k_star must have shape [n*, {m}] to match K [{m}, {m}], got {tuple(cross.shape)}"
+            )
         return cross.to(self.dual_coef_.device) @ self.dual_coef_
 
     def predict_labels(self, k_star: torch.Tensor) -> torch.Tensor:

@@ -21,15 +21,13 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import ops, storage
+from . import _distributed, _fileformat, ops, storage
 from . import _psi_halves as psi_sketch
 from ._checks import check_bool, check_float, check_int
-from .state import STATS, LayerStats, RowSet, Stat, batch_terms, enabled_stats, stat_shape
+from .state import COMPARED_META, STATS, LayerStats, RowSet, Stat, batch_terms, enabled_stats
 
 FORMAT_VERSION = 2
 _META_KEY = "nnsim_fast"
-#: Settings (in ``meta``) that must agree for two representations' rows to be summed.
-COMPARED_META = ("beta", "target", "spatial", "tokens")
 _MAX_ROW = (1 << 62) - 1
 
 
@@ -403,7 +401,6 @@ class Representation:
         hanging or aborting.  After the call every rank holds the same
         representation.  Returns ``self``.
         """
-        from . import _distributed
         _distributed.all_reduce(self, group)
         return self
 
@@ -422,6 +419,18 @@ class Representation:
         names = self._resolve(layers)
         return kernels.sketched_kernels([self.layers[n].values for n in names],
                                         self.sketch_ones, self.n, kind=kind, centering=centering)
+
+    def grams(self, layers: Optional[Sequence[str]] = None, kind: str = "hadamard"):
+        """The sketched data-centred kernels of ``layers`` in the form the collision-corrected
+        estimators take (:class:`nnsim_fast.estimators.SketchedGram`)."""
+        from . import kernels
+        self._usable()
+        if self.n < 4:
+            raise ValueError(f"the estimators need at least 4 rows, this representation has "
+                             f"{self.n}")
+        names = self._resolve(layers)
+        return kernels.sketched_grams([self.layers[n].values for n in names], self.sketch_ones,
+                                      self.n, kind, self.sparsity)
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> Tuple[Dict[str, torch.Tensor], Dict]:
@@ -457,7 +466,6 @@ class Representation:
     @classmethod
     def load(cls, path, device=None) -> "Representation":
         """Read a file written by :meth:`save`; every field and checksum is validated."""
-        from . import _fileformat
         tensors, header = storage.read_tensors(path, "nnsim_fast representation file")
         meta = _fileformat.parse_metadata(header, path, FORMAT_VERSION, _META_KEY)
         try:
@@ -470,7 +478,6 @@ class Representation:
     def from_state(cls, tensors: Dict[str, torch.Tensor], meta: Dict, device=None
                    ) -> "Representation":
         """Rebuild from :meth:`state`'s output, validating every field."""
-        from . import _fileformat
         return _fileformat.rebuild(cls, tensors, meta, device)
 
     def __repr__(self) -> str:
@@ -485,19 +492,6 @@ def _json_scalar(value):
     if item is not None:
         return item()
     raise TypeError(f"metadata value of type {type(value).__name__} is not JSON serialisable")
-
-
-def zeros_like_structure(rep: Representation, structure: Mapping[str, Mapping]) -> None:
-    """Give an empty ``rep`` zero statistics with the given layer structure."""
-    stats = rep.stats
-    for name, info in structure.items():
-        dims = dict(info["dims"], m=rep.m)
-        rep.layers[name] = LayerStats.zeros(stats, dims, rep.dtype, rep.device,
-                                            tuple(info["feature_shape"]))
-
-
-def expected_shapes(stats: Sequence[Stat], dims: Mapping[str, int]) -> Dict[str, Tuple[int, ...]]:
-    return {s.name: stat_shape(s, dims) for s in stats}
 
 
 __all__ = ["Representation", "SketchSpec", "FORMAT_VERSION", "COMPARED_META", "STATS"]

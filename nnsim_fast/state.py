@@ -23,8 +23,12 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["Stat", "STATS", "GROUPS", "LayerStats", "RowSet", "stat_shape", "enabled_stats",
-           "batch_terms"]
+__all__ = ["Stat", "STATS", "GROUPS", "COMPARED_META", "LayerStats", "RowSet", "stat_shape",
+           "enabled_stats", "batch_terms", "zeros_like_structure"]
+
+#: Settings (in a representation's ``meta``) that must agree for two representations'
+#: rows to be summed.
+COMPARED_META = ("beta", "target", "spatial", "tokens")
 
 #: Options that switch groups of statistics on (``features`` is always on).
 GROUPS = ("features", "gradients", "psi", "product", "mean_embedding")
@@ -127,6 +131,15 @@ class LayerStats:
         """What must agree for two layers' statistics to be summed."""
         return {"dims": dict(self.dims), "stats": {k: list(v.shape) for k, v in self.values.items()},
                 "feature_shape": list(self.feature_shape)}
+
+
+def zeros_like_structure(rep, structure: Mapping[str, Mapping]) -> None:
+    """Give an empty representation zero statistics with the given layer structure
+    (``{name: {"dims": {...}, "feature_shape": [...]}}``)."""
+    stats = enabled_stats(rep.options)
+    for name, info in structure.items():
+        rep.layers[name] = LayerStats.zeros(stats, dict(info["dims"], m=rep.m), rep.dtype,
+                                            rep.device, tuple(info["feature_shape"]))
 
 
 # --------------------------------------------------------------------------- batches

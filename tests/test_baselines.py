@@ -147,14 +147,18 @@ def test_task2vec_model_labels_follow_the_generator(kind):
     xs, _ = concat(batches)
     drawn = sampled_labels_like_documented(model, batches, seed=123)
 
-    embedding = task2vec_embedding(model, batches, labels="model", generator=torch.Generator().manual_seed(123))
+    embedding = task2vec_embedding(
+        model, batches, labels="model", generator=torch.Generator().manual_seed(123)
+    )
     expected = reference_fisher(model, xs, lambda i, p: [(int(drawn[i]), 1.0)])
     torch.testing.assert_close(embedding, expected, rtol=1e-10, atol=1e-14)
 
     again = task2vec_embedding(model, batches, generator=torch.Generator().manual_seed(123))
     torch.testing.assert_close(again, embedding, rtol=0, atol=0)
     # The default generator is seeded, so the default is reproducible too.
-    torch.testing.assert_close(task2vec_embedding(model, batches), task2vec_embedding(model, batches), rtol=0, atol=0)
+    torch.testing.assert_close(
+        task2vec_embedding(model, batches), task2vec_embedding(model, batches), rtol=0, atol=0
+    )
 
 
 def test_task2vec_model_labels_converge_to_the_exact_expectation():
@@ -274,7 +278,8 @@ def test_task2vec_distance_symmetric_normalisation():
     assert task2vec_distance(first, second, normalize=True) == pytest.approx(expected, rel=1e-12)
     # The symmetric normalisation makes the distance invariant to a common per-entry scaling.
     scale = torch.rand(30, generator=generator, dtype=torch.float64) + 0.1
-    assert task2vec_distance(first * scale, second * scale, normalize=True) == pytest.approx(expected, rel=1e-10)
+    scaled = task2vec_distance(first * scale, second * scale, normalize=True)
+    assert scaled == pytest.approx(expected, rel=1e-10)
     with pytest.raises(ValueError, match="non-negative"):
         task2vec_distance(first - 1.0, second, normalize=True)
 
@@ -318,7 +323,8 @@ def test_fisher_rao_norm_true_labels_match_definition():
     assert default_depth(model) == depth
     assert fisher_rao_norm(model, batches, labels="true") == pytest.approx(expected, rel=1e-12)
     # An explicit depth rescales by (depth + 1).
-    assert fisher_rao_norm(model, batches, labels="true", depth=4) == pytest.approx(expected * 5 / 3, rel=1e-12)
+    deeper = fisher_rao_norm(model, batches, labels="true", depth=4)
+    assert deeper == pytest.approx(expected * 5 / 3, rel=1e-12)
 
 
 def test_fisher_rao_norm_expected_and_model_labels_match_definition():
@@ -328,7 +334,9 @@ def test_fisher_rao_norm_expected_and_model_labels_match_definition():
     with torch.no_grad():
         probabilities = torch.softmax(model(xs), dim=-1)
     per_class = np.stack(
-        [reference_inner_products(model, xs, torch.full((xs.shape[0],), label)) for label in range(NUM_CLASSES)], axis=1
+        [reference_inner_products(model, xs, torch.full((xs.shape[0],), label))
+         for label in range(NUM_CLASSES)],
+        axis=1,
     )
     expected = 3 * math.sqrt(np.mean((probabilities.numpy() * per_class**2).sum(axis=1)))
     assert fisher_rao_norm(model, batches, labels="expected") == pytest.approx(expected, rel=1e-12)
@@ -351,12 +359,15 @@ def test_fisher_rao_norm_equals_parameter_inner_product_for_bias_free_relu():
     for index in range(xs.shape[0]):
         loss = nn.functional.cross_entropy(model(xs[index : index + 1]), ys[index : index + 1])
         gradients = torch.autograd.grad(loss, params)
-        per_sample_parameter_inner.append(float(sum((p.detach() * g).sum() for p, g in zip(params, gradients))))
+        per_sample_parameter_inner.append(
+            float(sum((p.detach() * g).sum() for p, g in zip(params, gradients)))
+        )
     per_sample_parameter_inner = np.array(per_sample_parameter_inner)
     depth = default_depth(model)
     assert depth == 3
     np.testing.assert_allclose(
-        per_sample_parameter_inner, (depth + 1) * reference_inner_products(model, xs, ys), rtol=1e-10, atol=1e-12
+        per_sample_parameter_inner, (depth + 1) * reference_inner_products(model, xs, ys),
+        rtol=1e-10, atol=1e-12,
     )
     expected = math.sqrt(np.mean(per_sample_parameter_inner**2))
     assert fisher_rao_norm(model, batches, labels="true") == pytest.approx(expected, rel=1e-10)

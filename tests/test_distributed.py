@@ -158,7 +158,7 @@ def _scenarios(rank: int, out: Path) -> None:
 
 
 def _disagreeing_ranks(rank: int, out: Path, feats, grads, rows) -> None:
-    from nnsim_fast.sketch import zeros_like_structure
+    from nnsim_fast.state import zeros_like_structure
 
     def rep_with(layer: str, meta=None) -> Representation:
         rep = Representation(M_SHARDS, SEED_SHARDS, beta=0.5, dtype=torch.float64, meta=meta)

@@ -378,7 +378,8 @@ def test_cka_matrix_equals_loop_of_cka():
                 assert float(table[i, j]) == pytest.approx(expected, abs=1e-12)
     assert float(cka_matrix(t(stack_a), t(stack_b))[1, 2]) == pytest.approx(1.0, abs=1e-12)
     from_lists = cka_matrix([t(K).float() for K in stack_a], list(t(stack_b)))
-    np.testing.assert_allclose(from_lists.numpy(), cka_matrix(t(stack_a).float(), t(stack_b)).numpy(), atol=1e-14)
+    np.testing.assert_allclose(
+        from_lists.numpy(), cka_matrix(t(stack_a).float(), t(stack_b)).numpy(), atol=1e-14)
 
 
 def test_nbs_matrix_equals_loop_of_nbs():
@@ -433,7 +434,8 @@ SQUARE = torch.eye(5, dtype=torch.float64)
     (lambda: hsic(SQUARE, torch.zeros(5, 3, dtype=torch.float64)), ValueError, r"L .*\(5, 3\)"),
     (lambda: hsic(torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64), debiased=True),
      ValueError, r"n > 3.*K .*\(3, 3\)"),
-    (lambda: hsic(torch.eye(1, dtype=torch.float64), torch.eye(1, dtype=torch.float64)), ValueError, r"n >= 2.*K "),
+    (lambda: hsic(torch.eye(1, dtype=torch.float64), torch.eye(1, dtype=torch.float64)),
+     ValueError, r"n >= 2.*K "),
     (lambda: hsic(torch.eye(5, dtype=torch.bool), SQUARE), TypeError, r"K .*bool"),
     (lambda: linear_cka(torch.zeros(5, 3, dtype=torch.float64), torch.zeros(6, 3, dtype=torch.float64)),
      ValueError, r"X .*\(5, 3\).*Y .*\(6, 3\)"),
@@ -441,7 +443,8 @@ SQUARE = torch.eye(5, dtype=torch.float64)
      ValueError, r"X .*\(5,\)"),
     (lambda: linear_cka(torch.zeros(5, 3), torch.zeros(5, 2, 2)), ValueError, r"Y .*\(5, 2, 2\)"),
     (lambda: linear_cka(torch.zeros(5, 3), torch.zeros(5, 3, dtype=torch.int64)), TypeError, r"Y .*int64"),
-    (lambda: linear_cka(torch.randn(3, 2), torch.randn(3, 2), debiased=True), ValueError, r"n > 3.*X .*\(3, 2\)"),
+    (lambda: linear_cka(torch.randn(3, 2), torch.randn(3, 2), debiased=True),
+     ValueError, r"n > 3.*X .*\(3, 2\)"),
     (lambda: cka_matrix(torch.zeros(2, 5, 5), torch.zeros(3, 6, 6)),
      ValueError, r"Ks_a and Ks_b .*\(2, 5, 5\).*\(3, 6, 6\)"),
     (lambda: cka_matrix(torch.zeros(5, 5), torch.zeros(3, 5, 5)), ValueError, r"Ks_a .*3-D.*\(5, 5\)"),
@@ -449,7 +452,8 @@ SQUARE = torch.eye(5, dtype=torch.float64)
      ValueError, r"Ks_a\[1\] .*\(4, 4\)"),
     (lambda: cka_matrix([], torch.zeros(1, 5, 5)), TypeError, r"Ks_a"),
     (lambda: nbs_matrix(torch.zeros(2, 5, 4), torch.zeros(3, 5, 5)), ValueError, r"Ks_a .*\(2, 5, 4\)"),
-    (lambda: nbs_matrix(torch.zeros(2, 5, 5), torch.zeros(3, 5, 5, dtype=torch.int64)), TypeError, r"Ks_b .*int64"),
+    (lambda: nbs_matrix(torch.zeros(2, 5, 5), torch.zeros(3, 5, 5, dtype=torch.int64)),
+     TypeError, r"Ks_b .*int64"),
     (lambda: mean_embedding_norm_from_kernel(torch.zeros(3, 4)), ValueError, r"K .*\(3, 4\)"),
     (lambda: mean_embedding_ratios(torch.ones(3, 3, dtype=torch.int64)), TypeError, r"K .*int64"),
     (lambda: mean_embedding_norm_from_kernel(-torch.ones(4, 4)), ValueError, r"K must be a PSD"),

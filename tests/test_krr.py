@@ -39,7 +39,9 @@ def test_identity_sketch_matches_closed_form_solution():
     assert model.alpha_ == alpha and model.scores_ == []
     # float32 inputs are solved in float64 all the same.
     scores32 = SketchedKRR().fit(torch.from_numpy(kernel).float(), torch.from_numpy(targets), alpha=alpha)
-    np.testing.assert_allclose(scores32.predict(torch.from_numpy(cross)).numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        scores32.predict(torch.from_numpy(cross)).numpy(), expected, rtol=1e-5, atol=1e-6
+    )
 
 
 def brute_force_loo(kernel: np.ndarray, targets: np.ndarray, alpha: float) -> float:
@@ -85,7 +87,9 @@ def test_gcv_criterion_matches_dense_formula():
         hat = kernel @ np.linalg.inv(kernel + alpha * np.eye(n))
         residual = targets - hat @ targets
         expected.append((residual**2).sum() / n / (np.trace(np.eye(n) - hat) / n) ** 2)
-    model = SketchedKRR(criterion="gcv", relative_alphas=relative).fit(torch.from_numpy(kernel), torch.from_numpy(targets))
+    model = SketchedKRR(criterion="gcv", relative_alphas=relative).fit(
+        torch.from_numpy(kernel), torch.from_numpy(targets)
+    )
     np.testing.assert_allclose(model.scores_, expected, rtol=1e-7)
     assert model.alpha_ == pytest.approx(alphas[int(np.argmin(expected))], rel=1e-12)
 
@@ -170,8 +174,9 @@ def test_sketch_targets_sparse_blocks_and_streaming():
     for block in range(blocks):
         dense[buckets[:, block], np.arange(n)] += weights[:, block]
     targets = onehot(torch.from_numpy(labels), classes)
-    accumulator = sketch_targets(targets[:20], torch.from_numpy(buckets[:20]), m, torch.from_numpy(weights[:20]))
-    sketch_targets(targets[20:], torch.from_numpy(buckets[20:]), m, torch.from_numpy(weights[20:]), out=accumulator)
+    bucket_tensor, weight_tensor = torch.from_numpy(buckets), torch.from_numpy(weights)
+    accumulator = sketch_targets(targets[:20], bucket_tensor[:20], m, weight_tensor[:20])
+    sketch_targets(targets[20:], bucket_tensor[20:], m, weight_tensor[20:], out=accumulator)
     np.testing.assert_allclose(accumulator.numpy(), dense @ np.eye(classes)[labels], rtol=0, atol=1e-12)
 
 

@@ -71,8 +71,10 @@ def correlated_pair(n: int = 2000, d: int = 8, rank: int = 3, noise: float = 0.3
     """Two data-centred N x d matrices sharing a rank-3 signal (like two layers' Psi)."""
     g = torch.Generator().manual_seed(seed)
     Z = torch.randn(n, rank, generator=g, dtype=F64)
-    psi1 = Z @ torch.randn(rank, d, generator=g, dtype=F64) + noise * torch.randn(n, d, generator=g, dtype=F64)
-    psi2 = Z @ torch.randn(rank, d, generator=g, dtype=F64) + noise * torch.randn(n, d, generator=g, dtype=F64)
+    psi1 = Z @ torch.randn(rank, d, generator=g, dtype=F64)
+    psi1 = psi1 + noise * torch.randn(n, d, generator=g, dtype=F64)
+    psi2 = Z @ torch.randn(rank, d, generator=g, dtype=F64)
+    psi2 = psi2 + noise * torch.randn(n, d, generator=g, dtype=F64)
     return psi1 - psi1.mean(0), psi2 - psi2.mean(0)
 
 
