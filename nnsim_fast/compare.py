@@ -214,6 +214,10 @@ def similarity_matrix(reps: Sequence, layer: Union[str, Sequence[str]], index: s
     if len(names) != len(reps):
         raise ValueError(f"layer names one layer per representation: got {len(names)} names "
                          f"for {len(reps)} representations")
+    if _pick_estimator(estimator, reps) == "exact":
+        from .exact import exact_similarity_matrix
+        matrix = exact_similarity_matrix(reps, names, index, kind, debiased=debiased)
+        return (matrix, torch.zeros_like(matrix)) if check_bool(with_error, "with_error") else matrix
     size = len(reps)
     matrix = torch.eye(size, dtype=torch.float64)
     error: Optional[torch.Tensor] = torch.zeros(size, size, dtype=torch.float64)
@@ -243,7 +247,8 @@ def mean_embedding_norm(rep, layer: str) -> Dict[str, float]:
         TensorSketch halves of psi with the collision terms removed (the N x N
         kernel is never formed),
       ``ratio_frobenius`` and ``ratio_trace`` (eq. 19) and ``log_ratio_frobenius``
-      (eq. 48).
+      (eq. 48) -- with the conventions of :func:`nnsim_fast.indices.mean_embedding_ratios`
+      (a zero kernel gives ratios 0.0 and a log of ``-inf``).
     """
     if _is_exact(rep):
         from .exact import exact_mean_embedding
@@ -256,11 +261,7 @@ def mean_embedding_norm(rep, layer: str) -> Dict[str, float]:
     norm = float(torch.linalg.matrix_norm(entry.mean_psi.to(torch.float64))) / n
     trace_factor = math.sqrt(max(float(entry.trace), 0.0)) / n
     frob = math.sqrt(max(_kernel_frobenius_sq(rep, layer), 0.0)) / n ** 2
-    ratio_f = norm / frob if frob > 0 else float("inf")
-    return {"norm": norm, "trace_factor": trace_factor, "frobenius_factor": frob,
-            "ratio_frobenius": ratio_f,
-            "ratio_trace": norm / trace_factor if trace_factor > 0 else float("inf"),
-            "log_ratio_frobenius": math.log(ratio_f) if 0 < ratio_f < float("inf") else float("nan")}
+    return indices.mean_embedding_scores(norm, frob, trace_factor)
 
 
 def _kernel_frobenius_sq(rep: Representation, layer: str) -> float:

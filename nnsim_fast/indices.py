@@ -43,6 +43,7 @@ __all__ = [
     "linear_cka",
     "mean_embedding_norm_from_kernel",
     "mean_embedding_ratios",
+    "mean_embedding_scores",
 ]
 
 #: Tolerance, relative to the Frobenius norm of a kernel, beyond which an NBS input
@@ -651,8 +652,13 @@ def mean_embedding_ratios(K: Tensor) -> Dict[str, float]:
         ``ratio_frobenius``, ``ratio_trace`` and ``log_ratio_frobenius``.
     """
     norm, frobenius, trace, n = _mean_embedding_parts(K)
-    frobenius_factor = frobenius / n ** 2
-    trace_factor = math.sqrt(trace) / n
+    return mean_embedding_scores(norm, frobenius / n ** 2, math.sqrt(trace) / n)
+
+
+def mean_embedding_scores(norm: float, frobenius_factor: float, trace_factor: float
+                          ) -> Dict[str, float]:
+    """The dict of :func:`mean_embedding_ratios` from its three parts (computed however:
+    from a dense kernel, streamed exactly, or estimated from sketches)."""
     ratio_frobenius = norm / frobenius_factor if frobenius_factor > 0 else 0.0
     ratio_trace = norm / trace_factor if trace_factor > 0 else 0.0
     return {
