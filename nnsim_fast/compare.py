@@ -155,9 +155,10 @@ def _kernel_estimate(rep_a, rep_b, names_a, names_b, index, kind, debiased, cent
         raise ValueError("debiased=True applies to index='cka' only")
     Ks_a = rep_a.kernels(names_a, kind=kind, centering=centering)
     Ks_b = rep_b.kernels(names_b, kind=kind, centering=centering).to(Ks_a.device)
-    # The kernels arrive centred (or deliberately uncentred): the index must not re-centre.
+    # The kernels arrive centred (or deliberately uncentred): the plain index must not
+    # re-centre; the debiased one U-centres, which ignores any centring done before.
     if index == "cka":
-        return indices.cka_matrix(Ks_a, Ks_b, centered=False, debiased=debiased)
+        return indices.cka_matrix(Ks_a, Ks_b, centered=debiased, debiased=debiased)
     return indices.nbs_matrix(Ks_a, Ks_b, centered=False)
 
 

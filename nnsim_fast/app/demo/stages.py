@@ -135,9 +135,9 @@ def _drop_mean_embedding(rep) -> None:
 
 
 def _sketch_extras(settings: DemoSettings) -> Dict[str, Any]:
-    # Stacked kernels need only the sketches; the library's estimators may need more (its
-    # default statistics), so those runs keep the defaults.
-    return {} if uses_library_estimator(settings) else {"psi": False}
+    # The default statistics (psi included) serve both the estimators and the unbiased
+    # Frobenius factor of the mean-embedding ratios.
+    return {}
 
 
 def sketch_models(models: Sequence[DemoModel], tasks: Dict[str, Task], layers: List[str],
