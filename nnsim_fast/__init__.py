@@ -5,7 +5,7 @@ and expected loss gradients; a CountSketch of the sample axis (native, fused
 kernels) turns any dataset into per-layer ``m x m`` kernels; CKA and NBS
 compare them.  See README.md.
 """
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401  (re-exported)
 
 from . import ops
 from .compare import mean_embedding_norm, similarity, similarity_matrix

@@ -32,7 +32,7 @@ def _int(value, field: str, low: int, high: int) -> int:
 
 
 def parse_metadata(header: Mapping[str, str], path, version: int, key: str) -> Dict:
-    from . import __version__
+    from ._version import __version__
     if key not in header:
         raise ValueError(f"{str(path)!r} is a safetensors file but not a nnsim_fast representation")
     try:

@@ -20,6 +20,10 @@ of the chosen ``kind`` over the data, ``H = I - 11^T/N``):
     alignment of eq. 10, which is near 1 for any two post-ReLU layers.
 ``"exact"`` (default for :class:`~nnsim_fast.exact.ExactRepresentation`)
     all ``N x N`` pairs in float64 -- the oracle the others are judged against.
+
+Representations of different rows (two datasets, or different subsets) have no
+exact ``N x N`` counterpart; by default they are compared with ``"plugin"`` and a
+:class:`DifferentRowsWarning` says so (``estimator="sketch"`` then raises).
 """
 from __future__ import annotations
 
@@ -39,6 +43,11 @@ LayerSpec = Optional[Union[str, Sequence[str], Tuple[Sequence[str], Sequence[str
 
 class ResolutionWarning(UserWarning):
     """A similarity's estimated error is too large for the sketch size ``m``."""
+
+
+class DifferentRowsWarning(UserWarning):
+    """The two representations hold different rows, so the default estimator fell back
+    to ``estimator="plugin"``."""
 
 
 class SimilarityResult(tuple):
@@ -126,6 +135,7 @@ def similarity(rep_a, rep_b, index: str = "cka", kind: str = "hadamard", layers:
         a :class:`SimilarityResult`: ``matrix, layers_a, layers_b = result``, plus
         ``result.error`` (standard errors) and ``result.warnings``.
     """
+    explicit = estimator is not None
     estimator = _pick_estimator(estimator, (rep_a, rep_b))
     check_choice(index, "index", INDICES)
     debiased = check_bool(debiased, "debiased")
@@ -139,14 +149,38 @@ def similarity(rep_a, rep_b, index: str = "cka", kind: str = "hadamard", layers:
                                 estimator=estimator, index=index, kind=kind, debiased=debiased)
     check_comparable(rep_a, rep_b)
     names_a, names_b = rep_a._resolve(spec_a), rep_b._resolve(spec_b)
+    notes: List[str] = []
+    if estimator == "sketch" and not _same_rows(rep_a, rep_b):
+        estimator, centering, notes = _different_rows(rep_a, rep_b, explicit)
     if estimator == "sketch":
         matrix, error, notes = _sketch_estimate(rep_a, rep_b, names_a, names_b, index, kind,
                                                 debiased)
     else:
-        matrix, error, notes = _kernel_estimate(rep_a, rep_b, names_a, names_b, index, kind,
-                                                debiased, centering), None, []
+        matrix, error = _kernel_estimate(rep_a, rep_b, names_a, names_b, index, kind,
+                                         debiased, centering), None
     return SimilarityResult(matrix, names_a, names_b, error=error, warnings=notes,
                             estimator=estimator, index=index, kind=kind, debiased=debiased)
+
+
+def _same_rows(rep_a, rep_b) -> bool:
+    """Both representations sketched the same row keys (the estimators' target, the exact
+    CKA over N x N pairs, is defined only on one set of rows)."""
+    return rep_a.n == rep_b.n and rep_a.rows.intervals == rep_b.rows.intervals
+
+
+def _different_rows(rep_a, rep_b, explicit: bool) -> Tuple[str, str, List[str]]:
+    """Representations of different rows (e.g. two datasets): no exact N x N counterpart
+    exists, so the default falls back to the plug-in of the sketched kernels."""
+    what = (f"rep_a and rep_b hold different rows (n = {rep_a.n} and {rep_b.n}, or other row "
+            "keys)")
+    if explicit:
+        raise ValueError(f"estimator='sketch' estimates the exact CKA/NBS over one set of rows; "
+                         f"{what}. Use estimator='plugin' to compare the sketched kernels of "
+                         "different datasets")
+    note = (f"{what}: the collision-corrected estimator needs one set of rows, so this result "
+            "is estimator='plugin' (the index of the data-centred m x m sketched kernels)")
+    warnings.warn(note, DifferentRowsWarning, stacklevel=3)
+    return "plugin", "data", [note]
 
 
 def _kernel_estimate(rep_a, rep_b, names_a, names_b, index, kind, debiased, centering):

@@ -366,6 +366,16 @@ def _check_matrix(x: object, what: str, batch: Optional[int]) -> Tensor:
     return x
 
 
+def _stored_rows(entry: _ExactLayer, ids: Tensor, n: int, batch: int
+                 ) -> Iterator[Tuple[Tensor, Tensor, Optional[Tensor]]]:
+    def read(store: _RowStore, rows: slice) -> Tensor:
+        return torch.cat([store.read(rows, panel) for panel in range(store.panels)], dim=1)
+
+    for low in range(0, n, batch):
+        rows = slice(low, min(n, low + batch))
+        yield ids[rows].clone(), read(entry.f, rows), None if entry.g is None else read(entry.g, rows)
+
+
 class ExactRepresentation:
     """Every row of each layer's features (and gradients), for exact indices.
 
@@ -440,6 +450,27 @@ class ExactRepresentation:
 
     def feature_shape(self, layer: str) -> Tuple[int, ...]:
         return self._layer(layer).feature_shape
+
+    def iter_rows(self, layer: str, batch: int = 1024
+                  ) -> Iterator[Tuple[Tensor, Tensor, Optional[Tensor]]]:
+        """The stored rows of ``layer`` in arrival order, ``batch`` rows at a time.
+
+        Yields ``(ids, f, g)``: the rows' global ids (int64 ``[B]``: stream positions,
+        or the dataset indices they were fed with), their features ``[B, df]`` and
+        gradients ``[B, dg]`` (None for a features-only representation) -- on the CPU,
+        in the storage dtype, exactly as stored, in new tensors (not views of the
+        storage).  Rows that were fed in batches of ``batch`` come back in those same
+        batches, so feeding them in order to a sketched
+        :class:`~nnsim_fast.sketch.Representation` (``rows=None`` for stream-numbered
+        rows, ``rows=ids`` otherwise) repeats what sketching the model would have done.
+        Rows on disk are read panel by panel; memory is one batch of the layer.  The
+        iterator covers the rows held when it starts.
+        """
+        self._check_open()
+        entry = self._layer(layer)
+        batch = check_int(batch, "batch", 1)
+        # Checked now, read lazily: a bad argument raises at the call, not at the first next().
+        return _stored_rows(entry, self._arrival_ids(), self.n, batch)
 
     def __repr__(self) -> str:
         return (f"ExactRepresentation(n={self.n}, layers={self.layer_names}, "

@@ -42,6 +42,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import torch
 
 from . import ops
+from .estimators import centred_gram, stack_grams
 from ._checks import check_choice
 from .options import CENTERINGS, KINDS
 
@@ -168,7 +169,6 @@ _GRAM_FACTORS = {"feature": ("f",), "gradient": ("g",), "sum": ("f", "g"),
 
 def _factor_gram(stats: Mapping[str, torch.Tensor], which: str, ones: torch.Tensor, n: int,
                  sparsity: int, kind: str):
-    from .estimators import centred_gram
     sketch = stats.get(f"sketch_{which}")
     if sketch is None:
         raise ValueError(f"kind={kind!r} needs a statistic this representation lacks; "
@@ -189,7 +189,6 @@ def sketched_grams(layers: Sequence[Mapping[str, torch.Tensor]], sketch_ones: to
                    n: int, kind: str, sparsity: int = 1):
     """The :class:`~nnsim_fast.estimators.SketchedGram` of the given layers' data-centred
     kernels of ``kind`` (what the collision-corrected estimators take)."""
-    from .estimators import stack_grams
     check_choice(kind, "kind", KINDS)
     if kind not in _GRAM_FACTORS:
         raise ValueError(f"kind={kind!r} is not a linear function of the data's Gram matrices, "

@@ -22,7 +22,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _distributed, _fileformat, ops, storage
-from . import _psi_halves as psi_sketch
+from . import psi as psi_sketch
 from ._checks import check_bool, check_float, check_int
 from .state import COMPARED_META, STATS, LayerStats, RowSet, Stat, batch_terms, enabled_stats
 
@@ -32,7 +32,7 @@ _MAX_ROW = (1 << 62) - 1
 
 
 def _library_version() -> str:
-    from . import __version__
+    from ._version import __version__
     return __version__
 
 
@@ -285,7 +285,7 @@ class Representation:
         width = self._psi_width(name, f, g)
         psi_rows = None
         if width:
-            psi_rows = tuple(psi_sketch.tensor_sketch(f, g, width, self.seed, half) for half in (0, 1))
+            psi_rows = tuple(psi_sketch.tensor_sketch_halves(f, g, width, self.seed).unbind(0))
         names = [s.name for s in self.stats]
         exact, scattered = batch_terms(f, g, psi_rows, names)
         for key, value in exact.items():

@@ -19,6 +19,7 @@ from torch import nn
 
 from nnsim_fast import (Representation, indices, mean_embedding_norm, ops, similarity,
                         similarity_matrix, sketch_model)
+from nnsim_fast.compare import DifferentRowsWarning
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 KINDS = ("feature", "gradient", "hadamard", "sum", "khatri_rao", "transport")
@@ -320,8 +321,17 @@ def test_similarity_bad_arguments(reps):
 def test_datasets_of_different_sizes_are_comparable():
     small, _, _ = make_rep(n=17, seed=5)
     large, _, _ = make_rep(n=90, seed=5)  # same seed: the first 17 rows are not the same data
-    matrix, _, _ = similarity(small, large)
+    with pytest.warns(DifferentRowsWarning, match="different rows"):
+        result = similarity(small, large)
+    matrix, _, _ = result
     assert matrix.shape == (3, 3) and bool(torch.isfinite(matrix).all())
+    # No exact counterpart over one set of rows: the default says it used the plug-in,
+    # which is what estimator="plugin" gives, and an explicit "sketch" is refused.
+    assert result.estimator == "plugin" and result.warnings
+    plugin, _, _ = similarity(small, large, estimator="plugin")
+    torch.testing.assert_close(matrix, plugin, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="different rows"):
+        similarity(small, large, estimator="sketch")
 
 
 # --------------------------------------------------------------------------- mean embedding

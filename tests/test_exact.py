@@ -265,6 +265,40 @@ def test_storage_directory_is_kept(tmp_path):
     assert in_ram.storage_path is None and in_ram.ram_rows == 20000
 
 
+def test_iter_rows_gives_the_stored_rows_back_in_arrival_order(monkeypatch):
+    """From RAM and disk, across column panels, for stream and index numbering, with or
+    without gradients: the same values bit for bit, the same batches, copies not views."""
+    monkeypatch.setattr(exact, "PANEL", 3)
+    data = make_data(30, n=23, widths={"conv": 7, "fc": 2})
+    row_bytes = 2 * (7 + 2) * 4
+    shuffled = torch.randperm(23, generator=torch.Generator().manual_seed(2))
+    cases = [(feed(data, ram_bytes=10 * row_bytes), torch.arange(23), True),
+             (feed(data, rows=shuffled, ram_bytes=0), shuffled, True),
+             (feed(data, gradients=False), torch.arange(23), False)]
+    for rep, ids, gradients in cases:
+        for layer, (f, g) in data.items():
+            parts = list(rep.iter_rows(layer, batch=9))
+            assert [part[1].shape[0] for part in parts] == [9, 9, 5]       # the fed batches
+            assert torch.equal(torch.cat([part[0] for part in parts]), ids)
+            assert torch.equal(torch.cat([part[1] for part in parts]), f)
+            if gradients:
+                assert torch.equal(torch.cat([part[2] for part in parts]), g)
+            else:
+                assert all(part[2] is None for part in parts)
+            assert sum(1 for _ in rep.iter_rows(layer, batch=100)) == 1
+    rep = cases[0][0]
+    _, first, _ = next(rep.iter_rows("conv", batch=4))
+    first.zero_()                                                         # a copy: storage unchanged
+    assert torch.equal(next(rep.iter_rows("conv", batch=4))[1], data["conv"][0][:4])
+    with pytest.raises(ValueError, match="batch"):
+        rep.iter_rows("conv", batch=0)
+    with pytest.raises(ValueError, match="not in this representation"):
+        rep.iter_rows("nope")
+    rep.close()
+    with pytest.raises(ValueError, match="closed"):
+        rep.iter_rows("conv")
+
+
 # --------------------------------------------------------------------------- pairing rows
 
 def test_rows_are_paired_by_id_whatever_the_order():

@@ -16,13 +16,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "nnsim_fast"
 
 #: Lower number = lower layer.  Every module of the package must be listed.
 LAYERS = {
-    "_checks": 0, "options": 0,
+    "_checks": 0, "options": 0, "_version": 0,
     "ops": 1,
     "psi": 2, "storage": 2,
     "state": 3,
-    "_fileformat": 4, "_distributed": 4, "sketch": 5,
-    "indices": 6, "estimators": 6,
-    "kernels": 7,
+    "indices": 4, "estimators": 5,
+    "kernels": 6,
+    "_fileformat": 7, "_distributed": 7, "sketch": 7,
     "exact": 8,
     "compare": 9,
     "extract": 10, "baselines": 10, "krr": 10,

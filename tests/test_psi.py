@@ -131,6 +131,7 @@ def batches(x: torch.Tensor, sizes: Sequence[int]) -> List[torch.Tensor]:
 
 @pytest.mark.parametrize("sparsity", [1, 2])
 def test_exact_psi_kernel_is_S_K_St(sparsity):
+    """When df * dg fits the width both halves hold S Psi exactly (psi = vec(g f^T))."""
     x, model, _, ref, _ = problem()
     m, seed = 8, 5
     rep = sketch_model(model, batches(x, [10, 15, 12]), layers=list(LAYERS), m=m, seed=seed,
@@ -138,7 +139,12 @@ def test_exact_psi_kernel_is_S_K_St(sparsity):
     S = ops.sketch_matrix(x.shape[0], m, seed, sparsity=sparsity)
     for name in LAYERS:
         f, g = ref[name]
-        assert rep.layers[name].sketch_psi.shape == (m, f.shape[1] * g.shape[1])   # exact mode
+        width = f.shape[1] * g.shape[1]
+        assert rep.layers[name].sketch_psi.shape == (2, m, width)   # exact mode, two halves
+        exact_psi = (g.unsqueeze(2) * f.unsqueeze(1)).reshape(-1, width)
+        for half in (0, 1):
+            torch.testing.assert_close(rep.layers[name].sketch_psi[half], S @ exact_psi,
+                                       rtol=1e-10, atol=1e-12)
         expected = S @ exact_kernel(f, g) @ S.T
         torch.testing.assert_close(rep.kernel(name, kind="psi"), expected, rtol=1e-10, atol=1e-12)
         # Algorithm 1 is a different estimator: (S K_f S^T) o (S K_g S^T), not S K S^T
@@ -170,7 +176,8 @@ def test_similarity_with_kind_psi_is_the_cka_of_sketched_centred_kernels():
     m, seed = 16, 4
     reps = [sketch_model(model, [x], layers=list(LAYERS), m=m, seed=seed, dtype=F64, psi=True)
             for model in (model_a, model_b)]
-    matrix, names_a, names_b = similarity(reps[0], reps[1], kind="psi", centering="data")
+    matrix, names_a, names_b = similarity(reps[0], reps[1], kind="psi", estimator="plugin",
+                                          centering="data")
     assert (names_a, names_b) == (list(LAYERS), list(LAYERS))
     assert matrix.shape == (3, 3) and matrix.dtype == F64
     S = ops.sketch_matrix(x.shape[0], m, seed)
@@ -188,11 +195,11 @@ def test_similarity_with_kind_psi_is_the_cka_of_sketched_centred_kernels():
 
 def test_psi_kind_requires_psi_statistics():
     x, model, _, _, _ = problem()
-    plain = sketch_model(model, [x], layers=["2"], m=8, seed=0, dtype=F64)
+    plain = sketch_model(model, [x], layers=["2"], m=8, seed=0, dtype=F64, psi=False)
     assert plain.layers["2"].sketch_psi is None
-    with pytest.raises(ValueError, match="psi=True"):
+    with pytest.raises(ValueError, match="psi"):
         plain.kernel("2", kind="psi")
-    with pytest.raises(ValueError, match="psi=True"):
+    with pytest.raises(ValueError, match="psi"):
         similarity(plain, plain, kind="psi")
     with pytest.raises(ValueError, match="kind"):
         plain.kernel("2", kind="psi_exact")
@@ -213,9 +220,9 @@ def test_save_load_and_merge_keep_sketch_psi(tmp_path):
                                    rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(merged.layers[name].sum_psi, full.layers[name].sum_psi,
                                    rtol=1e-12, atol=1e-12)
-    # tensorsketched layers survive too (another width)
+    # tensorsketched layers survive too (width 8 < df * dg for every layer)
     ts = sketch_model(model, data, layers=list(LAYERS), m=m, seed=seed, dtype=F64, psi=True,
-                      psi_budget=1, psi_dim=16)
+                      psi_dim=8)
     for rep in (full, ts):
         path = tmp_path / "rep.safetensors"
         rep.save(path)
@@ -228,11 +235,12 @@ def test_save_load_and_merge_keep_sketch_psi(tmp_path):
             for centering in ("none", "data"):
                 torch.testing.assert_close(loaded.kernel(name, "psi", centering),
                                            rep.kernel(name, "psi", centering), rtol=0, atol=0)
-    assert ts.layers["2"].sketch_psi.shape == (m, 16)
-    # the exact sums are the sums of psi_i = vec(g_i f_i^T), g-major
+    assert ts.layers["2"].sketch_psi.shape == (2, m, 8)
+    # the exact sums are the sums of psi_i = vec(g_i f_i^T), g-major, in both halves
     f, g = ref["2"]
     expected_sum = (g.unsqueeze(2) * f.unsqueeze(1)).sum(0).reshape(-1)
-    torch.testing.assert_close(full.layers["2"].sum_psi, expected_sum, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(full.layers["2"].sum_psi, expected_sum.expand(2, -1),
+                               rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- TensorSketch
@@ -293,9 +301,9 @@ def test_tensorsketch_psi_kernel_approaches_S_K_St_as_psi_dim_grows():
             if seed not in reference:
                 S = ops.sketch_matrix(40, m, seed)
                 reference[seed] = S @ K @ S.T
-            rep = Representation(m, seed, dtype=F64)
-            rep.update({"l": f}, {"l": g}, psi=True, psi_budget=1, psi_dim=width)
-            assert rep.layers["l"].sketch_psi.shape == (m, width)
+            rep = Representation(m, seed, dtype=F64, psi_dim=width)
+            rep.update({"l": f}, {"l": g})
+            assert rep.layers["l"].sketch_psi.shape == (2, m, width)
             ref = reference[seed]
             errors.append(float((rep.kernel("l", "psi") - ref).square().sum() / ref.square().sum()))
         e = np.array(errors)
@@ -310,24 +318,24 @@ def test_tensorsketch_psi_kernel_approaches_S_K_St_as_psi_dim_grows():
 
 
 @pytest.mark.parametrize("keyed", [False, True])
-def test_tensorsketch_representation_streams_in_slices(monkeypatch, keyed):
-    """Batches are split into row slices when psi is wide; rows of every slice keep
-    their global keys (stream offset or dataset index), so the result equals the dense
-    reference S TS(Psi) whatever the slicing and batch order."""
+def test_tensorsketch_representation_streams_in_chunks(keyed):
+    """Rows keep their global keys (stream offset or dataset index), so each half equals
+    the dense reference S T_h(Psi) (T_h from psi.tensor_sketch_halves) whatever the
+    chunking and order, and sum_psi holds sum_i T_h(psi_i)."""
     f, g = random_rows(23, 5, 4, seed=4)
     m, seed, width = 8, 6, 12
-    expected = ops.sketch_matrix(23, m, seed) @ reference_tensorsketch(f, g, width, seed)
-    monkeypatch.setattr(psi, "_ROW_BUDGET", 3 * width)        # three rows per slice
-    rep = Representation(m, seed, dtype=F64)
+    S = ops.sketch_matrix(23, m, seed)
+    rep = Representation(m, seed, dtype=F64, psi_dim=width)
     order = torch.randperm(23, generator=torch.Generator().manual_seed(0)) if keyed \
         else torch.arange(23)
     for chunk in order.split(10):
-        rep.update({"l": f[chunk]}, {"l": g[chunk]}, rows=chunk if keyed else None, psi=True,
-                   psi_budget=1, psi_dim=width)
-    torch.testing.assert_close(rep.layers["l"].sketch_psi, expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(rep.layers["l"].sum_psi,
-                               reference_tensorsketch(f, g, width, seed).sum(0),
-                               rtol=1e-12, atol=1e-12)
+        rep.update({"l": f[chunk]}, {"l": g[chunk]}, rows=chunk if keyed else None)
+    for half in (0, 1):
+        reference = reference_half(f, g, width, seed, half)
+        torch.testing.assert_close(rep.layers["l"].sketch_psi[half], S @ reference,
+                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rep.layers["l"].sum_psi[half], reference.sum(0),
+                                   rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- accuracy
@@ -356,10 +364,11 @@ def test_psi_cka_error_is_smaller_than_algorithm_1():
         reps = []
         for f, g in factors:
             rep = Representation(m, seed, dtype=F64)
-            rep.update({layer: f}, {layer: g}, psi=True)
+            rep.update({layer: f}, {layer: g})
             reps.append(rep)
         for kind, centering in estimators:
-            value = float(similarity(reps[0], reps[1], kind=kind, centering=centering)[0][0, 0])
+            value = float(similarity(reps[0], reps[1], kind=kind, estimator="plugin",
+                                     centering=centering)[0][0, 0])
             errors[(kind, centering)].append(value - exact)
     critical = student_t_quantile(1 - ALPHA / 3, trials - 2)
     p = np.array(errors[("psi", "data")])
@@ -370,3 +379,98 @@ def test_psi_cka_error_is_smaller_than_algorithm_1():
         assert t_stat > critical, (key, h.std(), p.std(), t_stat)
     d = np.array(errors[("hadamard", "buckets")]) ** 2 - p ** 2
     assert d.mean() > student_t_quantile(1 - ALPHA / 3, trials - 1) * d.std(ddof=1) / math.sqrt(trials)
+
+
+# --------------------------------------------------------------------------- two independent halves
+
+def reference_half(f: torch.Tensor, g: torch.Tensor, width: int, seed: int, half: int) -> torch.Tensor:
+    """Half ``half`` of the two-halves TensorSketch, from its definition: feature j of f goes
+    to bucket b_f(j) with sign s_f(j), block ``half`` of the two-block hash of
+    ``tensor_sketch_seeds(seed)[0]`` (likewise g), and ``g_i f_j`` lands in
+    ``(b_g(i) + b_f(j)) mod width`` with sign ``s_g(i) s_f(j)``."""
+    seed_f, seed_g = psi.tensor_sketch_seeds(seed)
+    bucket_f, sign_f = ops.sketch_hash(f.shape[1], 2 * width, seed_f, sparsity=2)
+    bucket_g, sign_g = ops.sketch_hash(g.shape[1], 2 * width, seed_g, sparsity=2)
+    bucket_f, bucket_g = bucket_f[:, half] - half * width, bucket_g[:, half] - half * width
+    out = torch.zeros(f.shape[0], width, dtype=F64)
+    for i in range(g.shape[1]):
+        for j in range(f.shape[1]):
+            k = int(bucket_g[i] + bucket_f[j]) % width
+            out[:, k] += float(sign_g[i, half] * sign_f[j, half]) * g[:, i] * f[:, j]
+    return out
+
+
+def test_tensor_sketch_halves_match_their_definition():
+    f, g = random_rows(6, 9, 5, seed=20)
+    for width, seed in ((16, 0), (37, 5)):
+        halves = psi.tensor_sketch_halves(f, g, width, seed)
+        assert halves.shape == (2, 6, width) and halves.dtype == F64
+        for half in (0, 1):
+            expected = reference_half(f, g, width, seed, half)
+            torch.testing.assert_close(halves[half], expected, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(psi.tensor_sketch(f, g, width, seed, half), expected,
+                                       rtol=1e-12, atol=1e-12)
+        assert float((halves[0] - halves[1]).abs().max()) > 0.1     # two different maps
+
+
+def test_tensor_sketch_halves_exact_when_psi_fits_and_batch_independent():
+    """df * dg <= width: both halves are vec(g f^T), g-major.  Otherwise each row's sketch
+    does not depend on the batch it came in (float32 input gives float64 output)."""
+    f, g = random_rows(5, 4, 3, seed=21)
+    exact = torch.einsum("bi,bj->bij", g, f).reshape(5, 12)
+    halves = psi.tensor_sketch_halves(f, g, psi.psi_half_width(4, 3, 64), seed=2)
+    assert psi.psi_half_width(4, 3, 64) == 12 and psi.psi_half_width(40, 30, 64) == 64
+    torch.testing.assert_close(halves, exact.expand(2, 5, 12), rtol=0, atol=0)
+    f, g = random_rows(7, 30, 20, seed=22)
+    whole = psi.tensor_sketch_halves(f.float(), g.float(), 32, 3)
+    assert whole.dtype == F64
+    for row in range(7):
+        single = psi.tensor_sketch_halves(f[row:row + 1].float(), g[row:row + 1].float(), 32, 3)
+        torch.testing.assert_close(single[:, 0], whole[:, row], rtol=1e-12, atol=1e-12)
+
+
+def test_tensor_sketch_seeds_are_deterministic_and_distinct():
+    assert psi.tensor_sketch_seeds(7) == psi.tensor_sketch_seeds(7)
+    assert psi.tensor_sketch_seeds(7) != psi.tensor_sketch_seeds(8)
+    seed_f, seed_g = psi.tensor_sketch_seeds(7)
+    assert seed_f != seed_g and {seed_f, seed_g}.isdisjoint(psi.axis_seeds(7))
+    assert all(0 <= s < 2 ** 63 for s in (seed_f, seed_g))
+
+
+def test_tensor_sketch_halves_are_unbiased_and_independent():
+    """Over T seeds, for rows a, b with u = psi_a, v = psi_b:
+    * each half is unbiased: mean <T_h u, T_h v> within z se of <u, v> (h = 0, 1);
+    * the halves are independent: mean <T_0 u, T_0 v> <T_1 u, T_1 v> within z se of
+      <u, v>^2, whereas one half with itself, <T_0 u, T_0 v>^2, exceeds <u, v>^2 by its
+      variance (more than z se here): the bias that pairing different halves avoids.
+    z two-sided at ALPHA over the 4 checks."""
+    f, g = random_rows(2, 9, 7, seed=23)
+    width, trials = 16, 2000
+    products = torch.stack([psi.tensor_sketch_halves(f, g, width, seed) for seed in range(trials)])
+    inner = (products[:, :, 0] * products[:, :, 1]).sum(-1)            # [T, 2]
+    exact = float(exact_kernel(f, g)[0, 1])
+    z = z_two_sided(ALPHA, 4)
+
+    def close(values: torch.Tensor, target: float) -> bool:
+        return abs(float(values.mean()) - target) <= z * float(values.std()) / math.sqrt(trials)
+
+    assert close(inner[:, 0], exact) and close(inner[:, 1], exact)
+    assert close(inner[:, 0] * inner[:, 1], exact ** 2)
+    same = inner[:, 0].square()
+    assert float(same.mean()) - exact ** 2 > z * float(same.std()) / math.sqrt(trials)
+
+
+def test_tensor_sketch_bad_input():
+    f, g = random_rows(4, 5, 3, seed=24)
+    with pytest.raises(ValueError, match="f and g"):
+        psi.tensor_sketch_halves(f, g[:3], 8, 0)
+    with pytest.raises(ValueError, match="f must be"):
+        psi.tensor_sketch_halves(f[0], g, 8, 0)
+    with pytest.raises(ValueError, match="width"):
+        psi.tensor_sketch_halves(f, g, 0, 0)
+    with pytest.raises(ValueError, match="half"):
+        psi.tensor_sketch(f, g, 8, 0, 2)
+    with pytest.raises(ValueError, match="seed"):
+        psi.tensor_sketch_seeds(-1)
+    with pytest.raises(TypeError, match="dim"):
+        psi.psi_half_width(4, 5, 2.5)

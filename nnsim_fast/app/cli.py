@@ -194,7 +194,7 @@ def _add_compare_parser(commands) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``nnsim-fast`` command."""
-    from .. import __version__
+    from .._version import __version__
 
     parser = _Parser(prog=PROG, description="Similarity of neural networks with gradients: "
                      "sketched features x gradients kernels compared with CKA / NBS.")

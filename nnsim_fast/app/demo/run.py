@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ... import __version__, ops
+from ... import ops
+from ..._version import __version__
 from ..._checks import check_int, check_optional_int
 from ..scores import similarity_options
 from . import stages
