@@ -253,6 +253,10 @@ def similarity_matrix(reps: Sequence, layer: Union[str, Sequence[str]], index: s
         from .exact import exact_similarity_matrix
         matrix = exact_similarity_matrix(reps, names, index, kind, debiased=debiased)
         return (matrix, torch.zeros_like(matrix)) if check_bool(with_error, "with_error") else matrix
+    estimator_name = _pick_estimator(estimator, reps)
+    if estimator_name == "sketch" and all(_same_rows(reps[0], rep) for rep in reps[1:]):
+        matrix, error = _stacked_sketch(reps, names, index, kind, debiased, centering)
+        return (matrix, error) if check_bool(with_error, "with_error") else matrix
     size = len(reps)
     matrix = torch.eye(size, dtype=torch.float64)
     error: Optional[torch.Tensor] = torch.zeros(size, size, dtype=torch.float64)
@@ -268,6 +272,26 @@ def similarity_matrix(reps: Sequence, layer: Union[str, Sequence[str]], index: s
                 elif error is not None:
                     error[i, j] = error[j, i] = result.error[0, 0]
     return (matrix, error) if check_bool(with_error, "with_error") else matrix
+
+
+def _stacked_sketch(reps, names, index: str, kind: str, debiased, centering):
+    """The default estimator for many representations of one set of rows: each one's Gram
+    summary built once, and every pair estimated from the stack (``[R, R]``)."""
+    check_choice(index, "index", INDICES)
+    debiased = check_bool(debiased, "debiased")
+    _centering("sketch", centering)
+    for rep in reps[1:]:
+        check_comparable(reps[0], rep)
+    grams = estimators.stack_grams([rep.grams([name], kind) for rep, name in zip(reps, names)])
+    labels = [f"reps[{i}].{name}" for i, name in enumerate(names)]
+    if index == "nbs":
+        if debiased:
+            raise ValueError("debiased=True applies to index='cka' only")
+        _nbs_notes(grams, grams, reps[0].m)
+        return estimators.nbs_matrix(grams), None
+    matrix, error = estimators.cka_matrix(grams, debiased=debiased)
+    _resolution_notes(error, labels, labels, reps[0].m)
+    return matrix, error
 
 
 def mean_embedding_norm(rep, layer: str) -> Dict[str, float]:

@@ -506,7 +506,7 @@ def _cross_hsic(a: SketchedGram, b: SketchedGram, debiased: bool) -> Tuple[Tenso
 
 def _grams_pair(grams_a, grams_b) -> Tuple[SketchedGram, SketchedGram]:
     a = _check_gram(grams_a, "grams_a")
-    if grams_b is None:
+    if grams_b is None or grams_b is a:       # one gram: its layers' self-pairs are exact
         return a, a
     _check_same_rows(a, grams_b, "grams_a", "grams_b")
     return a, grams_b.to(a.kernels.device)

@@ -274,7 +274,8 @@ class Representation:
         for what, t in (("features", f), ("gradients", g)):
             if t is None or t.numel() == 0:
                 continue
-            peak = float(t.abs().amax().to(torch.float64))
+            low, high = torch.aminmax(t)      # no |t| temporary: a batch may be large
+            peak = float(torch.maximum(low.abs(), high.abs()).to(torch.float64))   # NaN stays NaN
             if not math.isfinite(peak):
                 raise FloatingPointError(f"non-finite {what} at layer {name!r}{where}")
             if peak * t.shape[0] > limit / 4:

@@ -1,7 +1,6 @@
 """Tests of the nnsim-fast command line: compare against a dense reference, and every error path."""
 
 import csv
-import inspect
 import json
 import os
 import subprocess
@@ -487,21 +486,18 @@ def test_a_file_in_the_working_directory_cannot_shadow_a_later_import(tmp_path):
 
 # ------------------------------------------------------------------------------ estimators
 
-class _Result(tuple):
-    """A similarity result as the estimator API returns it: unpacks to three, has .error."""
-
-
 def _with_estimator(calls):
+    """similarity() that records its estimator options and returns known error bars."""
     real = nnsim_fast.compare.similarity
 
     def similarity(rep_a, rep_b, index="cka", kind="hadamard", layers=None, *,
-                   estimator="sketch", debiased=False):
+                   estimator=None, debiased=False, centering=None):
         calls.append((estimator, debiased))
         matrix, names_a, names_b = real(rep_a, rep_b, index=index, kind=kind)
-        result = _Result((matrix, names_a, names_b))
-        result.error = torch.full_like(matrix, 0.006)
-        result.warnings = [f"m too small for the effective rank of layer {names_a[0]}"]
-        return result
+        return nnsim_fast.compare.SimilarityResult(
+            matrix, names_a, names_b, error=torch.full_like(matrix, 0.006),
+            warnings=[f"m too small for the effective rank of layer {names_a[0]}"],
+            estimator=estimator or "sketch", index=index, kind=kind, debiased=debiased)
 
     return similarity
 
@@ -528,32 +524,34 @@ def test_compare_prints_error_bars_and_warnings(workdir, monkeypatch, capsys):
     assert rows[0][-1] == "error" and rows[1][-1] == "0.006000"
 
 
-def test_similarity_options_follow_the_library_signature(monkeypatch):
-    def without(rep_a, rep_b, index="cka", kind="hadamard", layers=None, centering="buckets"):
-        raise AssertionError("not called")
-
-    monkeypatch.setattr(scores, "similarity", without)
+def test_similarity_options_and_their_defaults():
     assert scores.similarity_options() == {}
-    assert scores.similarity_options("paper") == {"centering": "buckets"}
-    assert scores.similarity_options("plugin") == {"centering": "data"}
-    assert scores.effective_options({}) == {"centering": "buckets"}
-    for kwargs, match in (({"estimator": "sketch"}, "--estimator sketch needs"),
-                          ({"debiased": True}, "--debiased needs")):
-        with pytest.raises(UsageError, match=match):
-            scores.similarity_options(**kwargs)
-    monkeypatch.setattr(scores, "similarity", _with_estimator([]))
+    assert scores.similarity_options("paper") == {"estimator": "paper"}
     assert scores.similarity_options("sketch", True) == {"estimator": "sketch", "debiased": True}
+    assert scores.similarity_options("plugin", centering="none") == {"estimator": "plugin",
+                                                                    "centering": "none"}
     assert scores.effective_options({}) == {"estimator": "sketch", "debiased": False}
-    with pytest.raises(UsageError, match="--centering is not an option"):
-        scores.similarity_options(centering="data")
+    assert scores.effective_options({"estimator": "paper"}) == {
+        "estimator": "paper", "debiased": False, "centering": "buckets"}
+    # The library would refuse a centring for the default estimator: say so before any work.
+    for estimator in (None, "sketch"):
+        with pytest.raises(UsageError, match="--centering applies to --estimator plugin or paper"):
+            scores.similarity_options(estimator, centering="data")
+    with pytest.raises(ValueError, match="centering= applies"):
+        nnsim_fast.similarity(*_two_tiny_reps(), centering="data")
 
 
-needs_estimators = pytest.mark.skipif(
-    "estimator" not in inspect.signature(nnsim_fast.similarity).parameters,
-    reason="nnsim_fast.similarity has no estimator argument yet (issue 10)")
+def _two_tiny_reps():
+    gen = torch.Generator().manual_seed(3)
+    reps = []
+    for _ in range(2):
+        rep = nnsim_fast.Representation(m=8, seed=1, dtype=torch.float64)
+        rep.update({"l": torch.randn(20, 5, generator=gen, dtype=torch.float64)},
+                   {"l": torch.randn(20, 3, generator=gen, dtype=torch.float64)})
+        reps.append(rep)
+    return reps
 
 
-@needs_estimators
 @pytest.mark.parametrize("estimator", ["sketch", "plugin", "paper"])
 def test_compare_with_the_library_estimators(workdir, capsys, estimator):
     out = workdir.path / f"lib_{estimator}"

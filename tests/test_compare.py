@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Dict, Optional
 
 import numpy as np
@@ -19,7 +20,7 @@ from torch import nn
 
 from nnsim_fast import (Representation, indices, mean_embedding_norm, ops, similarity,
                         similarity_matrix, sketch_model)
-from nnsim_fast.compare import DifferentRowsWarning
+from nnsim_fast.compare import DifferentRowsWarning, ResolutionWarning
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 KINDS = ("feature", "gradient", "hadamard", "sum", "khatri_rao", "transport")
@@ -291,6 +292,26 @@ def test_similarity_matrix_of_three_models(reps, index):
         similarity_matrix(reps, ["l1", "l2"])
     with pytest.raises(ValueError, match="empty"):
         similarity_matrix([], "l1")
+
+
+@pytest.mark.parametrize("index, debiased", [("cka", False), ("cka", True), ("nbs", False)])
+def test_similarity_matrix_of_the_default_estimator_equals_its_pairs(reps, index, debiased):
+    """The stacked path (each model's Gram summary built once) gives what similarity()
+    gives pair by pair, error bars included, and exactly 1 on the diagonal."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResolutionWarning)
+        matrix, error = similarity_matrix(reps, "l2", index=index, debiased=debiased,
+                                          with_error=True)
+        for i in range(3):
+            for j in range(3):
+                pair = similarity(reps[i], reps[j], index=index, layers="l2", debiased=debiased)
+                assert math.isclose(float(matrix[i, j]), float(pair.matrix[0, 0]), rel_tol=1e-9,
+                                    abs_tol=1e-12)
+                if index == "cka":
+                    assert math.isclose(float(error[i, j]), float(pair.error[0, 0]), rel_tol=1e-6,
+                                        abs_tol=1e-12)
+    assert (error is None) == (index == "nbs")
+    torch.testing.assert_close(matrix.diagonal(), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("field, kwargs", [("m", dict(m=16)), ("seed", dict(sketch_seed=2)),

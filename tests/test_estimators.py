@@ -451,3 +451,22 @@ def test_bad_inputs_raise_naming_the_argument():
     with pytest.raises(ValueError, match="m >= 3"):
         est.SketchedGram(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2), torch.zeros(1, 1),
                          torch.zeros(2), 10)
+
+
+def test_a_gram_with_itself_has_unit_self_similarity_with_two_different_halves():
+    """Two distinct halves (as a TensorSketch of psi gives): passing the same gram twice
+    must still give exactly 1 for each layer against itself, for CKA and NBS alike,
+    while a copy of the gram (other object, same values) pairs different halves."""
+    gen = torch.Generator().manual_seed(31)
+
+    def halves(base: torch.Tensor) -> torch.Tensor:     # two noisy views of one kernel
+        return base + 0.2 * torch.randn(2, *base.shape, generator=gen, dtype=torch.float64)
+
+    base = torch.randn(120, 9, generator=gen, dtype=torch.float64)
+    grams = est.stack_grams([gram(halves(base), 16, 2), gram(halves(base.relu()), 16, 2)])
+    for same in (est.cka_matrix(grams, grams)[0], est.cka_matrix(grams)[0],
+                 est.nbs_matrix(grams, grams), est.nbs_matrix(grams)):
+        torch.testing.assert_close(same.diagonal(), torch.ones(2, dtype=torch.float64),
+                                   rtol=0, atol=1e-12)
+    copy = est.SketchedGram(grams.kernels.clone(), grams.deviation, grams.trace, grams.ones, grams.n)
+    assert float((est.nbs_matrix(copy, grams).diagonal() - 1).abs().max()) > 1e-6

@@ -100,13 +100,15 @@ def _add_demo_parser(commands) -> None:
     demo.add_argument("--spatial", choices=options.SPATIAL, default=None,
                       help="feature maps: every position (flatten; bundled tasks' default) or "
                            "their average (mean; the default with --data-root)")
-    # "exact" needs per-sample statistics, which the demo does not keep.
+    # The demo always computes the exact values too, beside the estimates it reports.
     demo.add_argument("--estimator", default=None,
                       choices=[name for name in options.ESTIMATORS if name != "exact"],
-                      help="similarity estimate (default paper: Algorithm 1, as the paper "
-                           "reports; sketch/plugin: centred over the data)")
+                      help="similarity estimate (default sketch: the data-centred CKA with "
+                           "collision terms removed and error bars; plugin: the sketched "
+                           "kernels centred over the data; paper: Algorithm 1 as the paper "
+                           "reports it)")
     demo.add_argument("--debiased", action="store_true",
-                      help="debiased HSIC in the indices (with --estimator sketch)")
+                      help="CKA from the debiased (U-statistic) HSIC")
     _add_demo_sizes(demo)
     demo.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")

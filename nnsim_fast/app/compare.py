@@ -236,7 +236,7 @@ def pair_entry(label_a: str, label_b: str, score: Score, out: str) -> Dict[str, 
     name = f"{_safe_name(label_a)}__{_safe_name(label_b)}"
     entry: Dict[str, Any] = {"a": label_a, "b": label_b, "layers_a": score.layers_a,
                              "layers_b": score.layers_b, "matrix": score.matrix.tolist(),
-                             "file": f"{name}.csv"}
+                             "file": f"{name}.csv", "estimator": score.estimator}
     corner = f"{label_a} \\ {label_b}"
     _write_matrix_csv(os.path.join(out, entry["file"]), corner, score.layers_a, score.layers_b,
                       entry["matrix"])

@@ -17,13 +17,14 @@ from ..._version import __version__
 from ..._checks import check_int, check_optional_int
 from ..scores import similarity_options
 from . import stages
+from .exact_check import exact_stage, largest_difference
 from .figures import write_figures
 from .report import format_desiderata, format_report
 from .settings import INDICES, KINDS, DemoSettings, settings_for
 
 __all__ = ["run_demo", "write_json"]
 
-_STEPS = 8
+_STEPS = 9
 
 
 class _Timer:
@@ -123,25 +124,31 @@ def _analyse(settings: DemoSettings, seed: int, out: str, log: stages.Log, bars:
     log(f"[5/{_STEPS}] block x block matrices (computed with the similarities of step 4) for "
         f"{', '.join(next(iter(heatmaps.values())))}")
 
-    log(f"[6/{_STEPS}] baselines: Task2Vec (diagonal Fisher) and Fisher-Rao norms")
+    log(f"[6/{_STEPS}] the same similarities over all N x N pairs (exact, float64), "
+        f"against the {settings.estimator} estimates")
+    exact = exact_stage(models, tasks, layers, settings, similarity, bars)
+    log(f"  largest |estimate - exact|: {largest_difference(exact):.3f}")
+    timer.lap("exact")
+
+    log(f"[7/{_STEPS}] baselines: Task2Vec (diagonal Fisher) and Fisher-Rao norms")
     baselines = stages.baselines_stage(models, tasks, settings, seed, bars)
     timer.lap("baselines")
 
-    log(f"[7/{_STEPS}] kernel ridge regression from sketched kernels and linear probes")
+    log(f"[8/{_STEPS}] kernel ridge regression from sketched kernels and linear probes")
     krr = stages.krr_stage(models, tasks, layers, settings, seed, bars)
     timer.lap("krr")
     me_summary, me_checks = stages.summarise_mean_embedding(raw_mean_embedding)
     return {"version": __version__, "config": _config(settings, seed),
             "tasks": {name: task.summary() for name, task in tasks.items()}, "layers": layers,
             "models": _models_summary(models, out), "similarity": similarity,
-            "heatmaps": heatmaps, "baselines": baselines,
+            "heatmaps": heatmaps, "exact": exact, "baselines": baselines,
             "mean_embedding": {"per_pair": me_summary, "checks": me_checks}, "krr": krr,
             "warnings": warnings}
 
 
 def _write_outputs(results: Dict[str, Any], out: str, figures: bool, log: stages.Log,
                    timer: _Timer) -> None:
-    log(f"[8/{_STEPS}] writing results.json, report.md" + (" and figures" if figures else ""))
+    log(f"[9/{_STEPS}] writing results.json, report.md" + (" and figures" if figures else ""))
     results["figures"] = write_figures(results, out) if figures else []
     timer.lap("outputs")
     timer.timings["total"] = round(sum(v for k, v in timer.timings.items() if k != "total"), 2)

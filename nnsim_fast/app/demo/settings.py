@@ -52,7 +52,7 @@ class DemoSettings:
     data_root: Optional[str] = None
     width: Optional[int] = None
     spatial: str = "flatten"
-    estimator: str = "paper"
+    estimator: str = "sketch"
     debiased: bool = False
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from ...baselines import fisher_rao_distance, fisher_rao_norm, task2vec_distance, task2vec_embedding
-from ...compare import mean_embedding_norm
+from ...compare import mean_embedding_norm, similarity_matrix
 from ...datasets import TASK_NAMES, Task, load_paper_tasks, load_tasks
 from ...extract import sketch_model
 from ...models import accuracy, load_or_train, resnet18_cifar
@@ -81,11 +82,19 @@ def progress_bar(iterable: Iterable, total: Optional[int], desc: str, enabled: b
 def load_task_data(settings: DemoSettings) -> Dict[str, Task]:
     """The three tasks: bundled, or the paper's datasets read from ``settings.data_root``."""
     if settings.data_root is not None:
-        return load_paper_tasks(settings.data_root, settings.n_train, settings.n_test)
+        return _common_test_size(load_paper_tasks(settings.data_root, settings.n_train,
+                                                  settings.n_test))
     tasks = load_tasks()
     if settings.n_train is not None or settings.n_test is not None:
         tasks = {k: t.subset(settings.n_train, settings.n_test) for k, t in tasks.items()}
-    return tasks
+    return _common_test_size(tasks)
+
+
+def _common_test_size(tasks: Dict[str, Task]) -> Dict[str, Task]:
+    """Test splits cut to one length: models are compared each on its own task's test split
+    with rows paired by index, which the estimators (and the exact index) need."""
+    smallest = min(t.x_test.shape[0] for t in tasks.values())
+    return {k: t.subset(None, smallest) for k, t in tasks.items()}
 
 
 def _architecture(task: Task, settings: DemoSettings) -> Tuple[Any, str]:
@@ -215,45 +224,44 @@ def _stacked(own_reps, models, layers, settings, bars):
     return similarity, heatmaps, heatmap_seconds, []
 
 
-def _pairwise_scores(own_reps, kind: str, index: str, options, bars):
-    count = len(own_reps)
-    jobs = [(i, j) for i in range(count) for j in range(i, count)]
-    return {(i, j): score_pair(own_reps[i], own_reps[j], index, kind, options)
-            for i, j in progress_bar(jobs, len(jobs), f"{kind} {index}", bars)}
-
-
-def _layer_matrices(scores, count: int, layers: int, field: str) -> List[torch.Tensor]:
-    """``[R, R]`` per layer from the block-matched diagonals of pairwise ``[L, L]`` scores."""
-    out = [torch.zeros(count, count, dtype=torch.float64) for _ in range(layers)]
-    for (i, j), score in scores.items():
-        values = getattr(score, field)
-        for layer in range(layers):
-            out[layer][i, j] = out[layer][j, i] = values[layer, layer]
-    return out
+def _model_matrices(own_reps, layers, kind: str, index: str, options):
+    """``[R, R]`` per block (block-matched), each model's sketch summarised once, and the
+    library's warnings as messages."""
+    matrices, errors = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for layer in layers:
+            matrix, error = similarity_matrix(own_reps, layer, index, kind, with_error=True,
+                                              **options)
+            matrices.append(matrix)
+            errors.append(error)
+    notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    return matrices, (None if any(e is None for e in errors) else errors), notes
 
 
 def _library(own_reps, models, layers, settings, bars):
-    """Every (kind, index) through ``nnsim_fast.similarity`` for each pair of models, with
-    the library's error bars and warnings."""
-    options = similarity_options(settings.estimator, settings.debiased)
+    """Every (kind, index) through the library's estimator, with its error bars and warnings."""
     labels, tasks = [e.label for e in models], [e.task for e in models]
     similarity: Dict[str, Dict[str, Any]] = {kind: {} for kind in KINDS}
     heatmaps: Dict[str, Dict[str, Any]] = {}
-    warnings: List[str] = []
-    for kind in KINDS:
-        for index in INDICES:
-            scores = _pairwise_scores(own_reps, kind, index, options, bars)
-            entry = _entry(_layer_matrices(scores, len(models), len(layers), "matrix"), tasks)
-            if all(score.error is not None for score in scores.values()):
-                errors = _layer_matrices(scores, len(models), len(layers), "error")
-                entry["errors"] = [e.tolist() for e in errors]
-            similarity[kind][index] = entry
-            warnings.extend(w for score in scores.values() for w in score.warnings)
-            if (kind, index) in HEATMAP_JOBS:
-                heatmaps[f"{kind}/{index}"] = {f"{labels[i]}-{labels[j]}":
-                                               scores[(i, j)].matrix.tolist()
-                                               for i, j in heatmap_pairs(models)}
-    return similarity, heatmaps, 0.0, list(dict.fromkeys(warnings))    # each warning once
+    notes: List[str] = []
+    jobs = [(kind, index) for kind in KINDS for index in INDICES]
+    for kind, index in progress_bar(jobs, len(jobs), "similarity", bars):
+        # The debiased HSIC is a CKA option; NBS has no debiased form.
+        options = similarity_options(settings.estimator, settings.debiased and index == "cka")
+        matrices, errors, found = _model_matrices(own_reps, layers, kind, index, options)
+        entry = _entry(matrices, tasks)
+        if errors is not None:
+            entry["errors"] = [e.tolist() for e in errors]
+        similarity[kind][index] = entry
+        notes.extend(found)
+        if (kind, index) in HEATMAP_JOBS:
+            scores = {(i, j): score_pair(own_reps[i], own_reps[j], index, kind, options)
+                      for i, j in heatmap_pairs(models)}
+            heatmaps[f"{kind}/{index}"] = {f"{labels[i]}-{labels[j]}": score.matrix.tolist()
+                                           for (i, j), score in scores.items()}
+            notes.extend(w for score in scores.values() for w in score.warnings)
+    return similarity, heatmaps, 0.0, list(dict.fromkeys(notes))    # each warning once
 
 
 def similarity_stage(own_reps, models: Sequence[DemoModel], layers: List[str],
