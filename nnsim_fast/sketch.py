@@ -21,10 +21,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import _distributed, _fileformat, ops, storage
+from . import _distributed, _fileformat, estimators, ops, storage
 from . import psi as psi_sketch
 from ._checks import check_bool, check_float, check_int
-from .state import COMPARED_META, STATS, LayerStats, RowSet, Stat, batch_terms, enabled_stats
+from .state import COMPARED_META, STATS, WIDE, LayerStats, RowSet, Stat, batch_terms, enabled_stats
 
 FORMAT_VERSION = 2
 _META_KEY = "nnsim_fast"
@@ -346,6 +346,18 @@ class Representation:
             sketched = ops.countsketch(columns, self.m, **args)
             for j, key in enumerate(diag_keys):
                 values[key] += sketched[:, j]
+        wide_keys = [k for k in scattered if k.startswith("wide_")]
+        if wide_keys:
+            # S': one bucket per row, its own seed; the control variate of the estimators.
+            columns = torch.stack([scattered[k] for k in wide_keys], dim=1)
+            sketched = ops.countsketch(columns, WIDE, estimators.diagonal_seed(self.seed), offset,
+                                       rows=rows)
+            for j, key in enumerate(wide_keys):
+                values[key] += sketched[:, j]
+        if "counts" in scattered:
+            buckets, _ = ops.sketch_hash(scattered["counts"].shape[0], self.m, self.seed, offset,
+                                         self.sparsity, rows=rows, device=self.device)
+            values["counts"] += torch.bincount(buckets.reshape(-1), minlength=self.m).to(torch.float64)
 
     # ------------------------------------------------------------------ combining
     def merge(self, other: "Representation") -> "Representation":

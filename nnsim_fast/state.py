@@ -23,7 +23,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["Stat", "STATS", "GROUPS", "COMPARED_META", "LayerStats", "RowSet", "stat_shape",
+__all__ = ["Stat", "STATS", "WIDE", "GROUPS", "COMPARED_META", "LayerStats", "RowSet", "stat_shape",
            "enabled_stats", "batch_terms", "zeros_like_structure"]
 
 #: Settings (in a representation's ``meta``) that must agree for two representations'
@@ -38,7 +38,8 @@ GROUPS = ("features", "gradients", "psi", "product", "mean_embedding")
 class Stat:
     name: str
     group: str                 # the option (GROUPS) that enables it
-    shape: Tuple[str, ...]     # symbolic: "m", "df", "dg", "w" (psi width), "h" (= 2 halves)
+    shape: Tuple[str, ...]     # symbolic: "m", "df", "dg", "w" (psi width), "h" (= 2 halves),
+    #                            "M" (= WIDE buckets)
     exact: bool                # float64 exact sum (True) or sketch in the accumulator dtype
     doc: str
 
@@ -65,12 +66,24 @@ STATS: Tuple[Stat, ...] = (
     Stat("sketch_sqnorm_fg", "product", ("m",), True, "S (|f_i o g_i|^2)_i"),
     Stat("quartic_fg", "product", (), True, "sum_i |f_i o g_i|^4"),
     Stat("mean_psi", "mean_embedding", ("dg", "df"), True, "sum_i g_i f_i^T (exact mean embedding)"),
+    # The estimators' diagonal control variate and error bars (docs/estimators.md, sections
+    # 4 and 7): row norms through a wide independent CountSketch S' (WIDE buckets), and the
+    # keys' own statistics, kept per layer so that every table operation covers them.
+    Stat("wide_sqnorm_f", "features", ("M",), True, "S' (|f_i|^2)_i"),
+    Stat("wide_sqnorm_g", "gradients", ("M",), True, "S' (|g_i|^2)_i"),
+    Stat("wide_sqnorm_psi", "gradients", ("M",), True, "S' (|f_i|^2 |g_i|^2)_i"),
+    Stat("wide_sqnorm_fg", "product", ("M",), True, "S' (|f_i o g_i|^2)_i"),
+    Stat("wide_ones", "features", ("M",), True, "S' 1 (the same for every layer)"),
+    Stat("counts", "features", ("m",), True, "rows per bucket of S (the same for every layer)"),
 )
+#: Buckets of the wide sketch S' of the row norms: 512 KiB per statistic in float64.
+WIDE = 1 << 16
 _BY_NAME = {stat.name: stat for stat in STATS}
 
 
 def stat_shape(stat: Stat, dims: Mapping[str, int]) -> Tuple[int, ...]:
-    return tuple(2 if d == "h" else int(dims[d]) for d in stat.shape)
+    constant = {"h": 2, "M": WIDE}
+    return tuple(constant[d] if d in constant else int(dims[d]) for d in stat.shape)
 
 
 def enabled_stats(options: Mapping[str, object]) -> List[Stat]:
@@ -177,6 +190,9 @@ def batch_terms(f: torch.Tensor, g: Optional[torch.Tensor], psi_rows, names: Seq
         exact["trace" if key == "psi" else f"sqnorm_{key}"] = norm.sum()
         exact[f"quartic_{key}"] = norm.square().sum()
         scattered[f"sketch_sqnorm_{key}"] = norm
+        scattered[f"wide_sqnorm_{key}"] = norm
+    scattered["wide_ones"] = torch.ones_like(norms["f"])
+    scattered["counts"] = scattered["wide_ones"]      # counted from the keys (one per row)
     if "sketch_fg" in wanted:
         scattered["sketch_fg"] = rows["fg"]
     if "mean_psi" in wanted:

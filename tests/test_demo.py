@@ -277,7 +277,9 @@ def check_exact_section(results, layers, tasks):
             assert entry["max_abs_difference"] == pytest.approx(gaps.max(), abs=1e-12)
             assert entry["mean_abs_difference"] == pytest.approx(gaps.mean(), abs=1e-12)
             if index == "cka":     # the default estimator reports standard errors for CKA
-                errors = np.array(results["similarity"][kind][index]["errors"])[:, upper[0], upper[1]]
+                # An unusable bar is written as "inf" (JSON has no infinity).
+                errors = np.array(results["similarity"][kind][index]["errors"]).astype(float)
+                errors = errors[:, upper[0], upper[1]]
                 share = float(np.mean(gaps <= 2 * errors))
                 assert entry["within_two_stderr"] == pytest.approx(share)
 

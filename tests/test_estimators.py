@@ -470,3 +470,27 @@ def test_a_gram_with_itself_has_unit_self_similarity_with_two_different_halves()
                                    rtol=0, atol=1e-12)
     copy = est.SketchedGram(grams.kernels.clone(), grams.deviation, grams.trace, grams.ones, grams.n)
     assert float((est.nbs_matrix(copy, grams).diagonal() - 1).abs().max()) > 1e-6
+
+
+@pytest.mark.parametrize("kind, sparsity", [("feature", 1), ("gradient", 2)])
+def test_a_streamed_representation_gives_the_all_rows_gram(kind, sparsity):
+    """Representation.grams (batches streamed, rows keyed by dataset index in shuffled
+    order) equals gram_from_rows on all rows at once, every statistic included: the bucket
+    loads and the wide sketch of the row norms (the diagonal's control variate) reach the
+    estimators from a sketched model, not only from the function-level API."""
+    from nnsim_fast import Representation
+    gen = torch.Generator().manual_seed(41)
+    n, m = 150, 16
+    f = torch.randn(n, 7, generator=gen, dtype=torch.float64) * torch.rand(n, 1, generator=gen) * 4
+    g = torch.randn(n, 5, generator=gen, dtype=torch.float64).pow(3)      # heavy-tailed norms
+    rep = Representation(m, 3, sparsity, dtype=torch.float64, psi=False)
+    order = torch.randperm(n, generator=gen)
+    for batch in order.split(40):
+        rep.update({"l": f[batch]}, {"l": g[batch]}, rows=batch)
+    got = rep.grams(["l"], kind)
+    want = est.gram_from_rows(f if kind == "feature" else g, m, 3, sparsity)
+    assert got.counts is not None and got.wide_deviation is not None
+    for name in ("kernels", "deviation", "trace", "ones", "counts", "norm_deviation",
+                 "wide_deviation"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-10, atol=1e-9,
+                                   msg=name)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ...baselines import fisher_rao_distance, fisher_rao_norm, task2vec_distance, task2vec_embedding
+from ... import estimators
 from ...compare import mean_embedding_norm, similarity_matrix
 from ...datasets import TASK_NAMES, Task, load_paper_tasks, load_tasks
 from ...extract import sketch_model
@@ -25,7 +26,7 @@ from ..scores import score_pair, similarity_options
 from .analysis import (batch_pairs, blockwise_desiderata, cross_matrix, evaluate_desiderata,
                        indexed_batches, linear_probe_accuracy, mean_std, model_matrix,
                        pair_statistics, pooled_features, sketched_krr_accuracy, task_pair_means)
-from .settings import INDICES, KINDS, MEAN_EMBEDDING_QUANTITIES, DemoSettings
+from .settings import INDICES, KIND_LABELS, KINDS, MEAN_EMBEDDING_QUANTITIES, DemoSettings
 
 __all__ = ["DemoModel", "Log", "progress_bar", "load_task_data", "train_models", "sketch_models",
            "similarity_stage", "baselines_stage", "krr_stage", "summarise_mean_embedding",
@@ -264,6 +265,62 @@ def _library(own_reps, models, layers, settings, bars):
     return similarity, heatmaps, 0.0, list(dict.fromkeys(notes))    # each warning once
 
 
+def _estimate(grams_a, grams_b, index: str, debiased: bool):
+    if index == "cka":
+        return estimators.cka_matrix(grams_a, grams_b, debiased=debiased)
+    return estimators.nbs_matrix(grams_a, grams_b), None
+
+
+def _estimator_notes(kind: str, grams, errors, m: int) -> List[str]:
+    notes = []
+    worst = max(float(e.max()) for e in errors) if errors else 0.0
+    if worst > estimators.RESOLUTION_TOLERANCE:
+        notes.append(f"{KIND_LABELS[kind]}: m={m} is too small for some model pairs and blocks: "
+                     f"standard error up to {worst:.3g} (> {estimators.RESOLUTION_TOLERANCE})")
+    rank = max(float(estimators.effective_rank(g).max()) for g in grams)
+    if rank > m:
+        notes.append(f"{KIND_LABELS[kind]}: NBS from sketches is biased upwards when a block's "
+                     f"effective rank exceeds m={m} (largest here: {rank:.0f})")
+    return notes
+
+
+def _default_kind(own_reps, layers, kind: str, settings, pairs):
+    """One kind: each model's Gram summary built once, every model pair and block from the
+    stack, the heatmaps' pairs from the same summaries (what similarity() would give)."""
+    grams = [rep.grams(layers, kind) for rep in own_reps]
+    out, maps, errors = {}, {}, []
+    for index in INDICES:
+        debiased = settings.debiased and index == "cka"
+        results = [_estimate(stacked, stacked, index, debiased) for stacked in
+                   (estimators.stack_grams([g[layer] for g in grams]) for layer in range(len(layers)))]
+        out[index] = ([matrix for matrix, _ in results],
+                      None if results[0][1] is None else [error for _, error in results])
+        errors += out[index][1] or []
+        maps[index] = {(i, j): _estimate(grams[i], grams[j], index, debiased)[0] for i, j in pairs}
+    return out, maps, _estimator_notes(kind, grams, errors, own_reps[0].m)
+
+
+def _default_estimator(own_reps, models, layers, settings, bars):
+    """Every (kind, index) with the default estimator, with its error bars and warnings."""
+    labels, tasks = [e.label for e in models], [e.task for e in models]
+    pairs = heatmap_pairs(models)
+    similarity: Dict[str, Dict[str, Any]] = {kind: {} for kind in KINDS}
+    heatmaps: Dict[str, Dict[str, Any]] = {}
+    notes: List[str] = []
+    for kind in progress_bar(KINDS, len(KINDS), "similarity", bars):
+        out, maps, found = _default_kind(own_reps, layers, kind, settings, pairs)
+        notes += found
+        for index, (matrices, errors) in out.items():
+            entry = _entry(matrices, tasks)
+            if errors is not None:
+                entry["errors"] = [e.tolist() for e in errors]
+            similarity[kind][index] = entry
+            if (kind, index) in HEATMAP_JOBS:
+                heatmaps[f"{kind}/{index}"] = {f"{labels[i]}-{labels[j]}": maps[index][(i, j)].tolist()
+                                               for i, j in pairs}
+    return similarity, heatmaps, 0.0, notes
+
+
 def similarity_stage(own_reps, models: Sequence[DemoModel], layers: List[str],
                      settings: DemoSettings, bars: bool):
     """Model x model similarity at every block for every kernel kind and index.
@@ -271,6 +328,8 @@ def similarity_stage(own_reps, models: Sequence[DemoModel], layers: List[str],
     Returns ``(similarity {kind: {index: entry}}, block x block heatmaps, seconds spent on the
     heatmaps, warnings)``.
     """
+    if settings.estimator == "sketch":
+        return _default_estimator(own_reps, models, layers, settings, bars)
     if uses_library_estimator(settings):
         return _library(own_reps, models, layers, settings, bars)
     return _stacked(own_reps, models, layers, settings, bars)
