@@ -173,16 +173,13 @@ def _factor_gram(stats: Mapping[str, torch.Tensor], which: str, ones: torch.Tens
     if sketch is None:
         raise ValueError(f"kind={kind!r} needs a statistic this representation lacks; "
                          f"{_OPTION_FOR[which]}")
-    extras = _control_statistics(stats, which)
     if which == "psi":
-        # Two independent TensorSketch halves of psi; the row norms |psi_i|^2 =
-        # |f_i|^2 |g_i|^2 are exact and serve both halves.
-        sqnorm = stats["sketch_sqnorm_psi"].expand(2, -1)
-        total = stats["trace"].reshape(1).expand(2)
-        if "wide_sqnorm" in extras:
-            extras["wide_sqnorm"] = extras["wide_sqnorm"].expand(2, -1)
-        return centred_gram(sketch.to(torch.float64), stats["sum_psi"], ones, n, sqnorm, total,
-                            sparsity, **extras)
+        # Two independent TensorSketch halves of psi, each centred with its own rows' norms
+        # |T_h psi_i|^2 (exact for the half: the common mean's energy cancels within it).
+        extras = _control_statistics(stats, "psih")
+        return centred_gram(sketch.to(torch.float64), stats["sum_psi"], ones, n,
+                            stats["sketch_sqnorm_psih"], stats["sqnorm_psih"], sparsity, **extras)
+    extras = _control_statistics(stats, which)
     return centred_gram(sketch.to(torch.float64).unsqueeze(0), stats[f"sum_{which}"].unsqueeze(0),
                         ones, n, stats[f"sketch_sqnorm_{which}"].unsqueeze(0),
                         stats[f"sqnorm_{which}"].reshape(1), sparsity, **extras)
@@ -196,7 +193,7 @@ def _control_statistics(stats: Mapping[str, torch.Tensor], which: str) -> Dict[s
         extras["counts"] = stats["counts"]
     wide = stats.get(f"wide_sqnorm_{which}")
     if wide is not None and stats.get("wide_ones") is not None:
-        extras["wide_sqnorm"] = wide.unsqueeze(0)
+        extras["wide_sqnorm"] = wide if wide.dim() == 2 else wide.unsqueeze(0)
         extras["wide_ones"] = stats["wide_ones"]
     return extras
 

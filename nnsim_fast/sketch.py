@@ -36,6 +36,21 @@ def _library_version() -> str:
     return __version__
 
 
+def _scatter_columns(values, scattered, prefix: str, buckets: int, args) -> None:
+    """Sketch every per-row vector statistic named ``prefix...`` in one call: ``[B]`` values
+    (one column) or ``[h, B]`` (h columns, accumulated as ``[h, buckets]``)."""
+    keys = [k for k in scattered if k.startswith(prefix)]
+    if not keys:
+        return
+    parts = [scattered[k].reshape(-1, scattered[k].shape[-1]) for k in keys]      # [h, B] each
+    sketched = ops.countsketch(torch.cat(parts).T, buckets, **args)               # [buckets, sum h]
+    start = 0
+    for key, part in zip(keys, parts):
+        block = sketched[:, start:start + part.shape[0]].T                       # [h, buckets]
+        values[key] += block.reshape(values[key].shape)
+        start += part.shape[0]
+
+
 class SketchSpec:
     """What must agree for two representations to be compared (same sketch ``S``)
     and, with the options and compared settings, to be merged."""
@@ -340,20 +355,10 @@ class Representation:
                                   **args)
         if "sketch_fg" in scattered:
             ops.countsketch_(values["sketch_fg"], scattered["sketch_fg"].to(self.dtype), **args)
-        diag_keys = [k for k in scattered if k.startswith("sketch_sqnorm_")]
-        if diag_keys:
-            columns = torch.stack([scattered[k] for k in diag_keys], dim=1)
-            sketched = ops.countsketch(columns, self.m, **args)
-            for j, key in enumerate(diag_keys):
-                values[key] += sketched[:, j]
-        wide_keys = [k for k in scattered if k.startswith("wide_")]
-        if wide_keys:
-            # S': one bucket per row, its own seed; the control variate of the estimators.
-            columns = torch.stack([scattered[k] for k in wide_keys], dim=1)
-            sketched = ops.countsketch(columns, WIDE, estimators.diagonal_seed(self.seed), offset,
-                                       rows=rows)
-            for j, key in enumerate(wide_keys):
-                values[key] += sketched[:, j]
+        _scatter_columns(values, scattered, "sketch_sqnorm_", self.m, args)
+        # S': one bucket per row, its own seed; the control variate of the estimators.
+        _scatter_columns(values, scattered, "wide_", WIDE,
+                         dict(seed=estimators.diagonal_seed(self.seed), offset=offset, rows=rows))
         if "counts" in scattered:
             buckets, _ = ops.sketch_hash(scattered["counts"].shape[0], self.m, self.seed, offset,
                                          self.sparsity, rows=rows, device=self.device)

@@ -60,6 +60,11 @@ STATS: Tuple[Stat, ...] = (
     Stat("quartic_psi", "gradients", (), True, "sum_i |f_i|^4 |g_i|^4 = sum_i K[i, i]^2"),
     Stat("sketch_psi", "psi", ("h", "m", "w"), False, "S T_h(Psi), h = 0, 1"),
     Stat("sum_psi", "psi", ("h", "w"), True, "sum_i T_h(psi_i)"),
+    # Each half's own row norms: with them the half's centring is exact (the large common
+    # mean's energy cancels within the half; docs/estimators.md section 8).
+    Stat("sqnorm_psih", "psi", ("h",), True, "sum_i |T_h psi_i|^2"),
+    Stat("sketch_sqnorm_psih", "psi", ("h", "m"), True, "S (|T_h psi_i|^2)_i"),
+    Stat("wide_sqnorm_psih", "psi", ("h", "M"), True, "S' (|T_h psi_i|^2)_i"),
     Stat("sketch_fg", "product", ("m", "df"), False, "S (F o G)"),
     Stat("sum_fg", "product", ("df",), True, "sum_i f_i o g_i"),
     Stat("sqnorm_fg", "product", (), True, "sum_i |f_i o g_i|^2"),
@@ -200,6 +205,9 @@ def batch_terms(f: torch.Tensor, g: Optional[torch.Tensor], psi_rows, names: Seq
     if "sketch_psi" in wanted:
         exact["sum_psi"] = torch.stack([half.sum(0) for half in psi_rows])
         scattered["sketch_psi"] = psi_rows
+        half_norms = torch.stack([half.square().sum(1) for half in psi_rows])      # [2, B]
+        exact["sqnorm_psih"] = half_norms.sum(1)
+        scattered["sketch_sqnorm_psih"] = scattered["wide_sqnorm_psih"] = half_norms
     return ({k: v for k, v in exact.items() if k in wanted},
             {k: v for k, v in scattered.items() if k in wanted})
 

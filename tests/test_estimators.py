@@ -472,7 +472,8 @@ def test_a_gram_with_itself_has_unit_self_similarity_with_two_different_halves()
     assert float((est.nbs_matrix(copy, grams).diagonal() - 1).abs().max()) > 1e-6
 
 
-@pytest.mark.parametrize("kind, sparsity", [("feature", 1), ("gradient", 2)])
+@pytest.mark.parametrize("kind, sparsity", [("feature", 1), ("gradient", 2), ("hadamard", 1),
+                                            ("hadamard", 2)])
 def test_a_streamed_representation_gives_the_all_rows_gram(kind, sparsity):
     """Representation.grams (batches streamed, rows keyed by dataset index in shuffled
     order) equals gram_from_rows on all rows at once, every statistic included: the bucket
@@ -483,12 +484,17 @@ def test_a_streamed_representation_gives_the_all_rows_gram(kind, sparsity):
     n, m = 150, 16
     f = torch.randn(n, 7, generator=gen, dtype=torch.float64) * torch.rand(n, 1, generator=gen) * 4
     g = torch.randn(n, 5, generator=gen, dtype=torch.float64).pow(3)      # heavy-tailed norms
-    rep = Representation(m, 3, sparsity, dtype=torch.float64, psi=False)
+    # psi_dim 16 < df * dg = 35: the halves are TensorSketches, each centred with its own norms.
+    rep = Representation(m, 3, sparsity, dtype=torch.float64, psi=kind == "hadamard", psi_dim=16)
     order = torch.randperm(n, generator=gen)
     for batch in order.split(40):
         rep.update({"l": f[batch]}, {"l": g[batch]}, rows=batch)
     got = rep.grams(["l"], kind)
-    want = est.gram_from_rows(f if kind == "feature" else g, m, 3, sparsity)
+    rows = {"feature": f, "gradient": g}.get(kind)
+    if rows is None:
+        rows = psi.tensor_sketch_halves(f, g, 16, 3)
+        assert got.halves == 2
+    want = est.gram_from_rows(rows, m, 3, sparsity)
     assert got.counts is not None and got.wide_deviation is not None
     for name in ("kernels", "deviation", "trace", "ones", "counts", "norm_deviation",
                  "wide_deviation"):
