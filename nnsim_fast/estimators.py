@@ -652,11 +652,15 @@ def nbs_matrix(grams_a: SketchedGram, grams_b: Optional[SketchedGram] = None) ->
     the exact path on a subset.
     """
     a, b = _grams_pair(grams_a, grams_b)
-    pairs = _half_pairs(a, b)
-    total = sum(indices.nbs_matrix(a.kernels[:, x], b.kernels[:, y], centered=False)
-                for x, y in pairs)
-    out = total / len(pairs)
+    if b is a and a.halves == 2:
+        # NBS is symmetric in its arguments, so pairing (1, 0) is the transpose of (0, 1).
+        once = indices.nbs_matrix(a.kernels[:, 0], a.kernels[:, 1], centered=False)
+        out = (once + once.T) / 2
+    else:
+        pairs = _half_pairs(a, b)
+        out = sum(indices.nbs_matrix(a.kernels[:, x], b.kernels[:, y], centered=False)
+                  for x, y in pairs) / len(pairs)
     if b is a:
-        same = indices.nbs_matrix(a.kernels[:, 0], a.kernels[:, 0], centered=False)
-        out.diagonal().copy_(same.diagonal())
+        # A layer with itself: its one kernel (the same half on both sides) is identical.
+        out.diagonal().copy_(torch.ones(a.layers, dtype=F64) * (~_degenerate(a)).to(F64))
     return out

@@ -470,6 +470,11 @@ def test_a_gram_with_itself_has_unit_self_similarity_with_two_different_halves()
                                    rtol=0, atol=1e-12)
     copy = est.SketchedGram(grams.kernels.clone(), grams.deviation, grams.trace, grams.ones, grams.n)
     assert float((est.nbs_matrix(copy, grams).diagonal() - 1).abs().max()) > 1e-6
+    # Off the diagonal the same-gram shortcut (one pairing and its transpose) is the
+    # general two-pairing average.
+    same, general = est.nbs_matrix(grams), est.nbs_matrix(grams, copy)
+    torch.testing.assert_close(same[0, 1], general[0, 1], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(same[1, 0], general[1, 0], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind, sparsity", [("feature", 1), ("gradient", 2), ("hadamard", 1),
