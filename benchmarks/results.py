@@ -139,6 +139,45 @@ def end_to_end_section() -> Optional[str]:
     ])
 
 
+def _load(name: str) -> Optional[Dict]:
+    path = os.path.join(HERE, "results", name)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def psi_cost_section() -> Optional[str]:
+    """What the default statistics (the psi halves) cost, from ``benchmarks/psi_cost.py``."""
+    report = _load("psi_cost.json")
+    if report is None:
+        return None
+    summary = report["summary"]
+    rows = [f"| {label} | {summary[key]['seconds']:.1f} | {summary[key]['peak_over_baseline_mib']:.0f} |"
+            for key, label in (("features_only", "features only (`gradients=False`)"),
+                               ("no_psi", "features and gradients, `psi=False`"),
+                               ("default", "the default (psi halves for `kind=\"hadamard\"`)"))]
+    verdict = {True: "MET", False: "NOT MET"}
+    return "\n".join([
+        f"Measured by `{report['command']}` ({report['threads']} threads, torch {report['torch']}): "
+        f"`sketch_model` on {report['model']}, N = {report['n']} generated 32x32 images, "
+        f"m = {report['m']}, batch {report['batch']}; each configuration in a fresh process, "
+        "medians of the repeats; memory is the peak resident size above the process's size "
+        "before the call.",
+        "",
+        "| `sketch_model` | seconds | peak MiB above baseline |",
+        "|---|---|---|",
+        *rows,
+        "",
+        f"Default over `psi=False`: time {summary['time_ratio_default_over_no_psi']:.2f}x (target "
+        f"<= 1.5x: {verdict[summary['targets']['time <= 1.5x']]}), memory "
+        f"{summary['memory_ratio_default_over_no_psi']:.2f}x (target <= 2x: "
+        f"{verdict[summary['targets']['memory <= 2x']]}). At N = {report['n'] // 2} the default's "
+        f"peak is {summary['default_memory_at_half_n_mib']:.0f} MiB (flat in N: the statistics "
+        "have fixed size, batches are processed one at a time).",
+    ])
+
+
 def render(results: Dict[str, object], command: str) -> str:
     """The Markdown report of one run."""
     machine = results["machine"]
@@ -171,6 +210,14 @@ def render(results: Dict[str, object], command: str) -> str:
     end_to_end = end_to_end_section()
     if end_to_end:
         sections += ["## End to end: sketching over the passes it rides on", end_to_end]
+    psi_cost = psi_cost_section()
+    if psi_cost:
+        sections += ["## The default statistics: cost of the psi halves", psi_cost]
+    sections += ["## Accuracy and peers",
+                 "How close each estimator lands to the exact value on real networks: "
+                 "`benchmarks/ACCURACY.md` (`python benchmarks/accuracy.py`). nnsim_fast against "
+                 "pytorch-cka, torch-cka and ckatorch (time, memory, error against exact CKA): "
+                 "`benchmarks/PEERS.md` (`python benchmarks/peers.py`)."]
     sections += [
         "## Targets",
         "Judged from the numbers above (read bandwidth: the 1 GiB `sum()` of this run).",
@@ -193,23 +240,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", default=os.path.join(HERE, "results", "cpu.json"),
                         help="JSON results (default benchmarks/results/cpu.json; '' to skip)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--render", action="store_true",
+                        help="rewrite the report from the JSON results (no measurement)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    results = harness.run_from_args(args)
-    if results is None:
-        return 2
-    command = command_line(args)
-    results["command"] = command
-    results["code"] = code_version()
-    results["targets"] = harness.evaluate_targets(results)
+    if args.render:
+        with open(args.json, encoding="utf-8") as handle:
+            results = json.load(handle)
+        command = results["command"]
+    else:
+        results = harness.run_from_args(args)
+        if results is None:
+            return 2
+        command = command_line(args)
+        results["command"] = command
+        results["code"] = code_version()
+        results["targets"] = harness.evaluate_targets(results)
     report = render(results, command)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as handle:
         handle.write(report)
-    if args.json:
+    if args.json and not args.render:
         harness.write_json(results, args.json)
     print(report)
     return 0
