@@ -180,6 +180,21 @@ def psi_cost_section() -> Optional[str]:
     ])
 
 
+def peers_section() -> Optional[str]:
+    """The peers table and targets, from ``benchmarks/peers.py``'s JSON (its own run)."""
+    report = _load("peers.json")
+    if report is None:
+        return None
+    import peers       # benchmarks/ is on the path when this script runs
+    verdicts = {True: "met", False: "MISSED", None: "not measured"}
+    return "\n".join([
+        f"Measured by `{report['command']}`; settings, notes and the capabilities of each tool: "
+        "`benchmarks/PEERS.md`.", "",
+        peers.format_table(report), "",
+        *[f"- {t['target']}: **{verdicts[t['met']]}**. {t['detail']}." for t in report["targets"]],
+    ])
+
+
 def render(results: Dict[str, object], command: str) -> str:
     """The Markdown report of one run."""
     machine = results["machine"]
@@ -215,11 +230,12 @@ def render(results: Dict[str, object], command: str) -> str:
     psi_cost = psi_cost_section()
     if psi_cost:
         sections += ["## The default statistics: cost of the psi halves", psi_cost]
-    sections += ["## Accuracy and peers",
+    peer_table = peers_section()
+    if peer_table:
+        sections += ["## Peers: pytorch-cka, torch-cka and ckatorch", peer_table]
+    sections += ["## Accuracy",
                  "How close each estimator lands to the exact value on real networks: "
-                 "`benchmarks/ACCURACY.md` (`python benchmarks/accuracy.py`). nnsim_fast against "
-                 "pytorch-cka, torch-cka and ckatorch (time, memory, error against exact CKA): "
-                 "`benchmarks/PEERS.md` (`python benchmarks/peers.py`)."]
+                 "`benchmarks/ACCURACY.md` (`python benchmarks/accuracy.py`)."]
     sections += [
         "## Targets",
         "Judged from the numbers above (read bandwidth: the 1 GiB `sum()` of this run).",

@@ -121,7 +121,7 @@ def test_targets_follow_the_numbers():
     assert accuracy["met"] is True
     assert "most accurate peer pytorch-cka max abs err 0.0300" in accuracy["detail"]
     assert targets["speed at N=20"]["met"] is None and targets["accuracy at N=20"]["met"] is None
-    memory = targets["memory flat in N (nnsim_fast default path; a check beyond the issue's targets)"]
+    memory = targets["memory flat in N (nnsim_fast default path)"]
     assert memory["met"] is True                    # 55 MiB above the baseline at both sizes
 
     runs = _made_up_runs()
