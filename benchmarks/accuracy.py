@@ -8,7 +8,9 @@ errors; ``"plugin"`` with data, bucket or no centring; ``"paper"``, Algorithm 1 
 bucket centring) is compared, layer pair by layer pair, with the exact index over all N x N
 sample pairs in float64 (``estimator="exact"`` on an
 :class:`~nnsim_fast.exact.ExactRepresentation`), for CKA, debiased CKA and NBS of the paper's
-kernel K = K_f o K_g (``kind="hadamard"``) and of the feature kernel K_f.
+kernel K = K_f o K_g (``kind="hadamard"``) and of the feature kernel K_f.  CKA is compared on
+every layer pair of every model pair; NBS, whose exact value needs eigendecompositions of N x N
+kernels, on the same layer of the two trained models.
 
 Networks (four models each: random init, an early checkpoint, two trained from different seeds):
 
@@ -46,9 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import harness  # first: it finds a checkout's nnsim_fast when none is installed
-from nnsim_fast import Representation, estimators, similarity
+from nnsim_fast import Representation, cka, estimators, similarity
 from nnsim_fast.datasets import render_shapes
-from nnsim_fast.exact import ExactRepresentation, exact_similarity
+from nnsim_fast.exact import MAX_DENSE_N, ExactRepresentation, exact_kernel, exact_similarity
 from nnsim_fast.extract import exact_model, sketch_model
 from nnsim_fast.models import SmallResNet, TrainConfig, accuracy, resnet18_cifar, train_classifier
 
@@ -59,6 +61,9 @@ BETA = 0.5
 #: The promise checked here: the default estimate within this of the exact value.
 TOLERANCE = 0.03
 MODELS = ("init", "early", "trained-s0", "trained-s1")
+#: NBS is compared on the two trained models only: each exact NBS needs N x N
+#: eigendecompositions and an SVD per model pair and layer (seconds each at N = 2,000).
+NBS_MODELS = ("trained-s0", "trained-s1")
 KIND_LABELS = {"hadamard": "K_f∘K_g", "feature": "K_f"}
 DEFAULT_KEY = "cka|hadamard|sketch"
 #: Rows held in RAM by each merged exact representation; the rest goes to a temporary file.
@@ -89,8 +94,9 @@ class Variant:
 
     @property
     def uncentred_target(self) -> Optional[str]:
-        """The uncentred index, what bucket or no centring tends to, as a second reference."""
-        if self.centering in ("none", "buckets") and not self.debiased:
+        """The uncentred index, what bucket or no centring tends to, as a second reference (CKA
+        only: an exact NBS costs eigendecompositions of N x N kernels)."""
+        if self.centering in ("none", "buckets") and not self.debiased and self.index == "cka":
             return exact_key(self.index, self.kind, "uncentred")
         return None
 
@@ -140,10 +146,10 @@ class SizePlan:
     full_m: Tuple[int, ...] = ()
     nbs_m: Tuple[int, ...] = ()
     feature_contrast: bool = True
-    few_seeds_m: Tuple[int, ...] = ()    # m with only the first two seeds (to bound the run time)
+    seed_counts: Tuple[Tuple[int, int], ...] = ()    # (m, seeds): fewer seeds, to bound the run time
 
     def seeds_at(self, m: int) -> Tuple[int, ...]:
-        return self.seeds[:2] if m in self.few_seeds_m else self.seeds
+        return self.seeds[:dict(self.seed_counts).get(m, len(self.seeds))]
 
     def variants(self, m: int) -> List[Variant]:
         out = [DEFAULT]
@@ -220,7 +226,7 @@ def networks(quick: bool, width: int) -> Tuple[Network, ...]:
     channels = (4, 4, 8, 8) if quick else (16, 16, 32, 32)
     cnn = Network("cnn", f"SmallResNet {channels} on 8x8 shapes",
                   lambda: SmallResNet(10, channels=channels, in_channels=1), small_images,
-                  dataclasses.replace(config, channels=channels), 1, 256 if quick else 1400)
+                  dataclasses.replace(config, channels=channels), 1 if quick else 2, 256 if quick else 1400)
     resnet = Network("resnet18", f"ResNet-18 (width {width}) on 32x32 images",
                      lambda: resnet18_cifar(10, width=width), colour_images,
                      dataclasses.replace(config, epochs=2 if quick else 4, channels=()), 1,
@@ -233,10 +239,10 @@ def make_plan(quick: bool, width: int) -> Plan:
         sizes = (SizePlan(128, (32, 64), (0, 1, 2), contrast_m=(32, 64), full_m=(64,), nbs_m=(64,)),
                  SizePlan(256, (64,), (0, 1, 2), contrast_m=(64,), feature_contrast=False))
         return Plan(networks(True, 2), sizes, 64, 64, 256, True)
-    sizes = (SizePlan(2000, (128, 256, 512, 1024, 2048), (0, 1, 2), contrast_m=(128, 256, 512, 1024),
-                      full_m=(128, 512), nbs_m=(128, 512)),
+    sizes = (SizePlan(2000, (128, 512, 1024, 2048), (0, 1, 2), contrast_m=(128, 512), full_m=(512,),
+                      nbs_m=(512,)),
              SizePlan(10000, (512, 2048), (0, 1, 2), contrast_m=(512,), feature_contrast=False,
-                      few_seeds_m=(2048,)))
+                      seed_counts=((2048, 1),)))
     return Plan(networks(False, width), sizes, 512, 500, 1000, False)
 
 
@@ -325,14 +331,16 @@ def quiet_similarity(*args, **kwargs):
         return similarity(*args, **kwargs)
 
 
-def layer_groups(models: Sequence[str], layers: Sequence[str]) -> List[List[str]]:
-    """Per layer, that layer's merged names in every model (the NBS calls: matched layers only)."""
-    return [[merged_name(model, layer) for model in models] for layer in layers]
+def nbs_pairs(layers: Sequence[str]) -> List[Tuple[List[str], List[str]]]:
+    """Per layer, the ``layers=`` argument comparing it in the two :data:`NBS_MODELS` (one entry
+    each: a larger table would add eigendecompositions for entries not used)."""
+    a, b = NBS_MODELS
+    return [([merged_name(a, layer)], [merged_name(b, layer)]) for layer in layers]
 
 
-def estimate(rep, variant: Variant, groups: List[List[str]]) -> Dict[str, object]:
-    """One variant on one merged representation: CKA for every layer pair ``[RL, RL]``; NBS per
-    matched layer ``[L, R, R]`` (each NBS entry costs eigendecompositions of m x m matrices)."""
+def estimate(rep, variant: Variant, pairs: Sequence) -> Dict[str, object]:
+    """One variant on one merged representation: CKA for every layer pair ``[RL, RL]``; NBS for
+    the layers of ``pairs`` (``[L]``; each costs eigendecompositions of m x m matrices)."""
     options = dict(kind=variant.kind, debiased=variant.debiased)
     if variant.estimator != "exact":
         options.update(estimator=variant.estimator, centering=variant.centering)
@@ -340,20 +348,36 @@ def estimate(rep, variant: Variant, groups: List[List[str]]) -> Dict[str, object
         result = quiet_similarity(rep, rep, "cka", **options)
         error = None if result.error is None else result.error.numpy()
         return {"value": result.matrix.numpy(), "error": error, "warnings": result.warnings}
-    values = [quiet_similarity(rep, rep, "nbs", layers=group, **options).matrix.numpy()
-              for group in groups]
-    return {"value": np.stack(values), "error": None, "warnings": []}
+    values = [float(quiet_similarity(rep, rep, "nbs", layers=pair, **options).matrix[0, 0])
+              for pair in pairs]
+    return {"value": np.array(values), "error": None, "warnings": []}
 
 
-def exact_values(merged: ExactRepresentation, key: str, groups: List[List[str]]) -> np.ndarray:
+def exact_values(merged: ExactRepresentation, key: str, pairs: Sequence) -> np.ndarray:
     index, kind, centring = key.split("|")
     if index == "cka":
         matrix, _, _ = exact_similarity(merged, merged, "cka", kind, debiased=centring == "debiased",
                                         centered=centring != "uncentred")
         return matrix.numpy()
-    return np.stack([exact_similarity(merged, merged, "nbs", kind, layers=group,
-                                      centered=centring != "uncentred")[0].numpy()
-                     for group in groups])
+    return np.array([float(exact_similarity(merged, merged, "nbs", kind, layers=pair,
+                                            centered=centring != "uncentred")[0][0, 0])
+                     for pair in pairs])
+
+
+def dense_check(merged: ExactRepresentation, exact: np.ndarray, layers: Sequence[str]
+                ) -> Optional[Dict[str, object]]:
+    """The exact CKA of K_f o K_g (streamed sums, centred afterwards) against the CKA of the dense
+    N x N kernels centred explicitly, on the same layer of the two trained models.  Centring a
+    sum of products loses the digits that a kernel's mean takes: this says how many."""
+    if merged.n > MAX_DENSE_N:
+        return None
+    names = merged.layer_names
+    diffs = {}
+    for layer in layers:
+        a, b = (merged_name(model, layer) for model in NBS_MODELS)
+        dense = cka(exact_kernel(merged, a, "hadamard"), exact_kernel(merged, b, "hadamard"), centered=False)
+        diffs[layer] = abs(dense - float(exact[names.index(a), names.index(b)]))
+    return {"models": list(NBS_MODELS), "max_abs_diff": max(diffs.values()), "by_layer": diffs}
 
 
 def effective_ranks(rep: Representation, names: Sequence[str]) -> Dict[str, Dict[str, float]]:
@@ -376,10 +400,8 @@ def blocks(matrix: np.ndarray, count: int, layers: int) -> np.ndarray:
                      for i, j in model_pairs(count)], axis=-3)
 
 
-def matched(values: np.ndarray, index: str, count: int, layers: int) -> np.ndarray:
-    """``[..., P, L]``: each model pair's similarity at the same layer."""
-    if index == "nbs":                                     # [..., L, R, R]
-        return np.stack([values[..., :, i, j] for i, j in model_pairs(count)], axis=-2)
+def matched(values: np.ndarray, count: int, layers: int) -> np.ndarray:
+    """``[..., P, L]``: each model pair's CKA at the same layer, from ``[..., RL, RL]``."""
     return np.diagonal(blocks(values, count, layers), axis1=-2, axis2=-1)
 
 
@@ -423,30 +445,40 @@ def error_summary(errors: np.ndarray) -> Dict[str, object]:
 
 
 def coverage(errors: np.ndarray, stderr: np.ndarray) -> Dict[str, object]:
+    """How often the reported standard error covers the actual error.  Entries with an infinite
+    stderr (the estimator declines: an estimated self-HSIC <= 0) are counted apart."""
     finite = np.isfinite(stderr)
-    return {"within_2se": float((np.abs(errors) <= 2 * stderr).mean()),
-            "within_3se": float((np.abs(errors) <= 3 * stderr).mean()),
-            "infinite_se": int((~finite).sum()),
+    within = {k: float((np.abs(errors[finite]) <= k * stderr[finite]).mean()) if finite.any() else None
+              for k in (2, 3)}
+    return {"within_2se": within[2], "within_3se": within[3], "infinite_se": int((~finite).sum()),
+            "entries": int(finite.size),
             "median_se": float(np.median(stderr[finite])) if finite.any() else None,
             "max_se": float(stderr[finite].max()) if finite.any() else None}
 
 
 def summarise(variant: Variant, runs: List[Dict[str, object]], exact: Dict[str, np.ndarray],
               count: int, layer_names: Sequence[str]) -> Dict[str, object]:
-    """Statistics of one variant at one (N, m) over its seeds, against the exact values."""
+    """Statistics of one variant at one (N, m) over its seeds, against the exact values.
+
+    CKA: every layer pair of every pair of the ``count`` models; NBS: matched layers of the
+    :data:`NBS_MODELS` pair (one model pair, so no order to compare)."""
     layers = len(layer_names)
     values = np.stack([run["value"] for run in runs])
-    pick = (lambda v: matched(v, "nbs", count, layers)) if variant.index == "nbs" else \
-        (lambda v: blocks(v, count, layers))
-    out = {"target": variant.target, "seeds": len(runs),
-           "vs_target": error_summary(pick(values) - pick(exact[variant.target])),
-           "order": order_agreement(matched(exact[variant.target], variant.index, count, layers),
-                                    matched(values, variant.index, count, layers), layer_names)}
+    if variant.index == "nbs":
+        def pick(v):
+            return v[..., None, :]                          # [..., L] -> one model pair
+    else:
+        def pick(v):
+            return blocks(v, count, layers)
+    errors = pick(values) - pick(exact[variant.target])
+    out = {"target": variant.target, "seeds": len(runs), "vs_target": error_summary(errors),
+           "order": None if variant.index == "nbs" else order_agreement(
+               matched(exact[variant.target], count, layers), matched(values, count, layers),
+               layer_names)}
     if variant.uncentred_target in exact:
         out["vs_uncentred"] = error_summary(pick(values) - pick(exact[variant.uncentred_target]))
     if runs[0]["error"] is not None:
-        stderr = pick(np.stack([run["error"] for run in runs]))
-        out["coverage"] = coverage(pick(values) - pick(exact[variant.target]), stderr)
+        out["coverage"] = coverage(errors, pick(np.stack([run["error"] for run in runs])))
     return out
 
 
@@ -539,9 +571,12 @@ def separate_check(merged: ExactRepresentation, models: Sequence[str], layers: S
 
 def evaluate_size(merged: ExactRepresentation, size: SizePlan, plan: Plan, models: Sequence[str],
                   layers: Sequence[str], log) -> Dict[str, object]:
-    groups = layer_groups(models, layers)
+    groups = nbs_pairs(layers)
     log(f"  N = {size.n}: exact indices")
     exact, exact_seconds = exact_stage(merged, size, groups, log)
+    start = time.perf_counter()
+    check = dense_check(merged, exact[DEFAULT.target], layers)
+    log(f"  N = {size.n}: dense-kernel check of the exact values {time.perf_counter() - start:.1f} s")
     log(f"  N = {size.n}: sketches")
     runs, ranks, sketch_seconds = sketch_stage(merged, size, plan, groups, log)
     names = merged.layer_names
@@ -551,13 +586,14 @@ def evaluate_size(merged: ExactRepresentation, size: SizePlan, plan: Plan, model
         results.setdefault(key, {})[str(m)] = summarise(variants[key], seed_runs, exact, len(models),
                                                         layers)
     out = {"n": size.n, "m": list(size.m), "seeds": {str(m): list(size.seeds_at(m)) for m in size.m},
-           "names": names, "exact": {key: rounded(value.reshape(value.shape[0], -1))
+           "names": names, "exact": {key: rounded(value.reshape(-1, value.shape[-1]))
                                      for key, value in exact.items()},
            "exact_seconds": exact_seconds, "sketch_seconds": round(sketch_seconds, 1),
            "variants": {key: dataclasses.asdict(variant) for key, variant in variants.items()},
            "results": results, "effective_rank": ranks,
            "effective_rank_m": plan.target_m if plan.target_m in size.m else None,
-           "separate_vs_merged": separate_check(merged, models, layers, runs, plan, size)}
+           "separate_vs_merged": separate_check(merged, models, layers, runs, plan, size),
+           "exact_dense_check": check}
     if (DEFAULT_KEY, plan.target_m) in runs:
         target_runs = runs[(DEFAULT_KEY, plan.target_m)]
         out["default_raw"] = {"m": plan.target_m,
@@ -724,6 +760,27 @@ def target_section(results: Dict[str, object]) -> List[str]:
     return lines + [""]
 
 
+def sweep_section(results: Dict[str, object]) -> List[str]:
+    """The default estimator against m: worst error, seed-to-seed sd and error-bar coverage."""
+    lines = ["## The default estimator against m", "",
+             "Cell: max |err| over every layer pair, model pair and seed / seed-to-seed sd (pooled) / "
+             "fraction of errors within 2 reported standard errors (finite ones).", ""]
+    sizes = sorted({m for network in results["networks"].values() for size in network["sizes"].values()
+                    for m in size["m"]})
+    rows = []
+    for name, network in results["networks"].items():
+        for n, size in network["sizes"].items():
+            per_m = size["results"].get(DEFAULT_KEY, {})
+            cells = [name, n]
+            for m in sizes:
+                entry = per_m.get(str(m))
+                cells.append("–" if entry is None else
+                             f"{fmt(entry['vs_target']['max_abs'])} / {fmt(entry['vs_target']['sd'])} / "
+                             f"{fmt(entry['coverage']['within_2se'], 2)}")
+            rows.append(cells)
+    return lines + table(["network", "N"] + [f"m = {m}" for m in sizes], rows) + [""]
+
+
 def diagnosis_section(results: Dict[str, object]) -> List[str]:
     """Where the default misses (or comes closest): the worst layer pairs, with effective ranks."""
     m = results["target_m"]
@@ -779,7 +836,8 @@ def estimator_tables(results: Dict[str, object]) -> List[str]:
              "Cell: max |err| over layer pairs, model pairs and seeds (mean signed error, seed-to-seed "
              "sd pooled over layer pairs). Errors against the exact data-centred index (debiased rows: "
              "the exact debiased CKA); rows marked *vs uncentred* compare the same estimates with the "
-             "exact uncentred index, which bucket and no centring approach. NBS: matched layers only. "
+             "exact uncentred index, which bucket and no centring approach. NBS: the same layer of the two "
+             "trained models only. "
              "`plugin/buckets` is `paper/buckets` (one code path).", ""]
     for name, network in results["networks"].items():
         for n, size in network["sizes"].items():
@@ -798,7 +856,8 @@ def estimator_tables(results: Dict[str, object]) -> List[str]:
 def coverage_table(results: Dict[str, object]) -> List[str]:
     lines = ["## Standard errors of the default estimator", "",
              "Fraction of (layer pair, model pair, seed) with |estimate − exact| ≤ 2 × reported stderr "
-             "(≤ 3 ×), and the median reported stderr.", ""]
+             "(≤ 3 ×) among those with a finite stderr, the median reported stderr, and how many "
+             "entries had an infinite stderr (no usable estimate at this m; the call warns).", ""]
     rows = []
     for name, network in results["networks"].items():
         for n, size in network["sizes"].items():
@@ -808,7 +867,7 @@ def coverage_table(results: Dict[str, object]) -> List[str]:
                         continue
                     c = entry["coverage"]
                     rows.append([name, n, label(key), m, fmt(c["within_2se"]), fmt(c["within_3se"]),
-                                 fmt(c["median_se"], 4), str(c["infinite_se"])])
+                                 fmt(c["median_se"], 4), f"{c['infinite_se']} / {c['entries']}"])
     return lines + table(["network", "N", "estimator", "m", "≤ 2 se", "≤ 3 se", "median se", "inf se"],
                          rows) + [""]
 
@@ -823,6 +882,8 @@ def order_table(results: Dict[str, object]) -> List[str]:
             for key, per_m in size["results"].items():
                 for m, entry in per_m.items():
                     o = entry["order"]
+                    if o is None:
+                        continue
                     rows.append([name, n, label(key), m, f"{o['flips']} / {o['couples']}",
                                  fmt(o["min_kendall_tau"], 2), fmt(o["largest_flipped_gap"])])
     return lines + table(["network", "N", "estimator", "m", "flips", "min τ", "largest flipped gap"],
@@ -845,8 +906,7 @@ def setup_section(results: Dict[str, object]) -> List[str]:
     for size in results["plan"]["sizes"]:
         lines.append(f"- N = {size['n']}: m = {', '.join(map(str, size['m']))}; sketch seeds "
                      f"{', '.join(map(str, size['seeds']))}"
-                     + (f" (first two at m = {', '.join(map(str, size['few_seeds_m']))})"
-                        if size["few_seeds_m"] else "")
+                     + "".join(f" (only the first {count} at m = {m})" for m, count in size["seed_counts"])
                      + f"; contrast estimators at m = {', '.join(map(str, size['contrast_m'])) or '–'}; "
                      f"every estimator and centring at m = {', '.join(map(str, size['full_m'])) or '–'}; "
                      f"NBS at m = {', '.join(map(str, size['nbs_m'])) or '–'}; exact "
@@ -859,12 +919,16 @@ def setup_section(results: Dict[str, object]) -> List[str]:
         separate = "; ".join(f"N = {n}: {size['separate_vs_merged']:.1e}"
                              for n, size in network["sizes"].items()
                              if size["separate_vs_merged"] is not None)
+        dense = "; ".join(f"N = {n}: {size['exact_dense_check']['max_abs_diff']:.1e}"
+                          for n, size in network["sizes"].items() if size.get("exact_dense_check"))
         lines += [f"- **{name}**: {network['title']}; trained on {network['n_train']} images "
                   f"(Adam, lr {network['train']['lr']}, batch {network['train']['batch_size']}); test "
                   f"accuracy {accs}. Widths d_f = d_g: {widths}. Extraction of all inputs: "
                   f"{network['extract_seconds']} s. `sketch_model` vs rows fed to `update`: relative "
                   f"kernel difference {network['sketch_model_agreement']:.1e}. Separately sketched "
-                  f"`similarity(rep_a, rep_b)` vs the merged representation, max |diff|: {separate}."]
+                  f"`similarity(rep_a, rep_b)` vs the merged representation, max |diff|: {separate}. "
+                  f"Exact CKA (streamed) vs CKA of the dense, explicitly centred N x N kernels "
+                  f"(K_f∘K_g, same layer of {' and '.join(NBS_MODELS)}), max |diff|: {dense or '–'}."]
     return lines + [""]
 
 
@@ -874,6 +938,7 @@ def markdown(results: Dict[str, object]) -> str:
              "(float64, `estimator=\"exact\"`) on the same rows; errors are estimate − exact. Generated "
              "by `benchmarks/accuracy.py` from `results/accuracy.json` of the same run.", ""]
     lines += target_section(results)
+    lines += sweep_section(results)
     lines += diagnosis_section(results)
     lines += rank_section(results)
     lines += coverage_table(results)
