@@ -1,6 +1,6 @@
 """Sketched similarity against the exact value, on real networks.  Writes benchmarks/ACCURACY.md.
 
-    python benchmarks/accuracy.py            # the full run (about 40 minutes on 2 cores)
+    python benchmarks/accuracy.py            # the full run (about 35 minutes on 2 cores)
     python benchmarks/accuracy.py --quick    # tiny sizes (well under a minute); prints the report
 
 Every estimator of :func:`nnsim_fast.similarity` (``"sketch"``, the default, with its standard
@@ -239,7 +239,7 @@ def make_plan(quick: bool, width: int) -> Plan:
         sizes = (SizePlan(128, (32, 64), (0, 1, 2), contrast_m=(32, 64), full_m=(64,), nbs_m=(64,)),
                  SizePlan(256, (64,), (0, 1, 2), contrast_m=(64,), feature_contrast=False))
         return Plan(networks(True, 2), sizes, 64, 64, 256, True)
-    sizes = (SizePlan(2000, (128, 512, 1024, 2048), (0, 1, 2), contrast_m=(128, 512), full_m=(512,),
+    sizes = (SizePlan(2000, (128, 256, 512, 1024, 2048), (0, 1, 2), contrast_m=(128, 256, 512), full_m=(512,),
                       nbs_m=(512,)),
              SizePlan(10000, (512, 2048), (0, 1, 2), contrast_m=(512,), feature_contrast=False,
                       seed_counts=((2048, 1),)))
@@ -484,23 +484,45 @@ def summarise(variant: Variant, runs: List[Dict[str, object]], exact: Dict[str, 
 
 def worst_pairs(runs: List[Dict[str, object]], exact: np.ndarray, names: Sequence[str],
                 ranks: Dict[str, float], count: int, limit: int = 8) -> List[Dict[str, object]]:
-    """The layer pairs (across models) with the largest error of the default estimate."""
+    """The layer pairs (across models) with the largest error of a CKA estimate."""
     values = np.stack([run["value"] for run in runs])
-    stderr = np.stack([run["error"] for run in runs])
+    stderr = None if runs[0]["error"] is None else np.stack([run["error"] for run in runs])
     layers = len(names) // count
     rows = []
     for i, j in model_pairs(count):
-        for a in range(layers):
-            for b in range(layers):
-                u, v = i * layers + a, j * layers + b
-                err = values[:, u, v] - exact[u, v]
-                rows.append({"a": names[u], "b": names[v], "exact": float(exact[u, v]),
-                             "mean_estimate": float(values[:, u, v].mean()),
-                             "max_abs_error": float(np.abs(err).max()),
-                             "mean_stderr": float(stderr[:, u, v].mean()),
-                             "rank_a": ranks.get(names[u]), "rank_b": ranks.get(names[v])})
+        for a, b in itertools.product(range(layers), repeat=2):
+            u, v = i * layers + a, j * layers + b
+            rows.append({"a": names[u], "b": names[v], "exact": float(exact[u, v]),
+                         "mean_estimate": float(values[:, u, v].mean()),
+                         "max_abs_error": float(np.abs(values[:, u, v] - exact[u, v]).max()),
+                         "mean_stderr": None if stderr is None else float(stderr[:, u, v].mean()),
+                         "rank_a": ranks.get(names[u]), "rank_b": ranks.get(names[v])})
     rows.sort(key=lambda row: -row["max_abs_error"])
     return rows[:limit]
+
+
+def default_analysis(runs: List[Dict[str, object]], exact: np.ndarray, names: Sequence[str],
+                     count: int) -> Dict[str, object]:
+    """Why the default estimate misses TOLERANCE where it does: noise or bias, whether its own
+    error bars (and the library's resolution warning) saw it, and which layers are involved."""
+    layers = len(names) // count
+    values = blocks(np.stack([run["value"] for run in runs]), count, layers)
+    stderr = blocks(np.stack([run["error"] for run in runs]), count, layers)
+    errors = values - blocks(exact, count, layers)
+    flagged = ~(stderr <= estimators.RESOLUTION_TOLERANCE)
+    missed = np.abs(errors) > TOLERANCE
+    involved: Dict[str, int] = {}
+    for _, p, a, b in zip(*np.nonzero(missed)):
+        i, j = model_pairs(count)[p]
+        for name in {names[i * layers + a].split(":", 1)[1], names[j * layers + b].split(":", 1)[1]}:
+            involved[name] = involved.get(name, 0) + 1
+    z = np.abs(errors)[np.isfinite(stderr) & (stderr > 0)] / stderr[np.isfinite(stderr) & (stderr > 0)]
+    return {"entries": int(errors.size), "missed": int(missed.sum()),
+            "missed_flagged": int((missed & flagged).sum()),
+            "flagged": int(flagged.sum()), "resolution_tolerance": estimators.RESOLUTION_TOLERANCE,
+            "max_abs_unflagged": float(np.abs(errors[~flagged]).max()) if (~flagged).any() else None,
+            "max_z": float(z.max()) if z.size else None,
+            "layers_in_misses": dict(sorted(involved.items(), key=lambda item: -item[1]))}
 
 
 # --------------------------------------------------------------------------- one network, one N
@@ -600,8 +622,11 @@ def evaluate_size(merged: ExactRepresentation, size: SizePlan, plan: Plan, model
                               "estimate": [rounded(run["value"]) for run in target_runs],
                               "stderr": [rounded(run["error"]) for run in target_runs],
                               "warnings": target_runs[0]["warnings"]}
-        out["worst_pairs"] = worst_pairs(target_runs, exact[DEFAULT.target], names,
-                                         ranks.get("hadamard", {}), len(models))
+        out["default_analysis"] = default_analysis(target_runs, exact[DEFAULT.target], names, len(models))
+    out["worst_pairs"] = {key: worst_pairs(seed_runs, exact[variants[key].target], names,
+                                           ranks.get(variants[key].kind, {}), len(models))
+                          for (key, m), seed_runs in runs.items()
+                          if m == plan.target_m and variants[key].index == "cka"}
     return out
 
 
@@ -757,7 +782,22 @@ def target_section(results: Dict[str, object]) -> List[str]:
               "is a tie, not a failure; the largest exact gap of a flipped couple says which):", ""]
     lines += table(["network", "N", "default: order preserved", "paper (buckets)", "plugin (data)"],
                    order_rows(results))
-    return lines + [""]
+    return lines + [""] + smallest_m_lines(results) + [""]
+
+
+def smallest_m_lines(results: Dict[str, object]) -> List[str]:
+    """The smallest m of the run at which the default met the tolerance on every layer pair."""
+    tolerance = results["tolerance"]
+    lines = [f"Smallest m of this run with the default estimate within {tolerance} of exact on every "
+             "layer pair of every model pair and seed:", ""]
+    for name, network in results["networks"].items():
+        for n, size in network["sizes"].items():
+            per_m = size["results"].get(DEFAULT_KEY, {})
+            good = [int(m) for m, entry in per_m.items() if entry["vs_target"]["max_abs"] <= tolerance]
+            tried = ", ".join(f"{m}: {fmt(entry['vs_target']['max_abs'])}" for m, entry in per_m.items())
+            lines.append(f"- {name}, N = {n}: {'m = ' + str(min(good)) if good else 'none'} "
+                         f"(max |err| by m: {tried})")
+    return lines
 
 
 def sweep_section(results: Dict[str, object]) -> List[str]:
@@ -781,25 +821,59 @@ def sweep_section(results: Dict[str, object]) -> List[str]:
     return lines + table(["network", "N"] + [f"m = {m}" for m in sizes], rows) + [""]
 
 
-def diagnosis_section(results: Dict[str, object]) -> List[str]:
-    """Where the default misses (or comes closest): the worst layer pairs, with effective ranks."""
-    m = results["target_m"]
-    lines = [f"## Where the default estimate is furthest from exact (m = {m})", "",
-             "Effective rank (Tr A)² / ‖A‖²_F of each layer's data-centred kernel (the library's "
-             "unbiased estimate from the sketch, `estimators.effective_rank`, seed 0): above m the "
-             "collision terms exceed the signal; the default estimator removes their expectation and "
-             "reports the rest as its standard error.", ""]
+def analysis_rows(results: Dict[str, object]) -> List[List[str]]:
+    rows = []
     for name, network in results["networks"].items():
         for n, size in network["sizes"].items():
-            if not size.get("worst_pairs"):
+            a = size.get("default_analysis")
+            if not a:
                 continue
-            rows = [[row["a"], row["b"], fmt(row["exact"]), fmt(row["mean_estimate"]),
-                     fmt(row["max_abs_error"]), fmt(row["mean_stderr"]),
-                     fmt(row["rank_a"], 0), fmt(row["rank_b"], 0)] for row in size["worst_pairs"]]
-            lines += [f"**{name}, N = {n}**", ""]
-            lines += table(["layer a", "layer b", "exact", "mean estimate", "max |err|",
-                            "mean stderr", "eff. rank a", "eff. rank b"], rows)
-            lines += [""]
+            entry = size["results"][DEFAULT_KEY][str(results["target_m"])]
+            layers = ", ".join(f"{layer} ({count})" for layer, count in a["layers_in_misses"].items())
+            rows.append([name, n, f"{entry['vs_target']['bias']:+.4f}", fmt(entry["vs_target"]["sd"], 4),
+                         fmt(entry["coverage"]["median_se"], 4), f"{a['flagged']} / {a['entries']}",
+                         f"{a['missed']} ({a['missed_flagged']} flagged)", fmt(a["max_abs_unflagged"]),
+                         fmt(a["max_z"], 1), layers or "–"])
+    return rows
+
+
+def worst_table(rows: List[Dict[str, object]]) -> List[str]:
+    header = ["layer a", "layer b", "exact", "mean estimate", "max |err|", "mean stderr", "eff. rank a",
+              "eff. rank b"]
+    return table(header, [[row["a"], row["b"], fmt(row["exact"]), fmt(row["mean_estimate"]),
+                           fmt(row["max_abs_error"]), fmt(row["mean_stderr"]), fmt(row["rank_a"], 0),
+                           fmt(row["rank_b"], 0)] for row in rows])
+
+
+def diagnosis_section(results: Dict[str, object]) -> List[str]:
+    """Where the default misses (or comes closest): noise or bias, and the worst layer pairs."""
+    m = results["target_m"]
+    tolerance = results["tolerance"]
+    lines = [f"## Where and why the default estimate misses {tolerance} (m = {m})", "",
+             f"Per network and N, over every layer pair of every model pair and every seed: mean signed "
+             f"error (bias), seed-to-seed sd, median reported stderr; entries whose stderr exceeds the "
+             f"library's resolution threshold (those `similarity` names in its `ResolutionWarning`); "
+             f"entries off by more than {tolerance}, and how many of them were flagged; the largest "
+             f"error among unflagged entries; the largest |err| / stderr; the layers (of either model) "
+             f"in the misses, with counts.", ""]
+    lines += table(["network", "N", "bias", "sd", "median stderr", "stderr > threshold",
+                    f"|err| > {tolerance}", "max |err| unflagged", "max |err| / stderr",
+                    "layers in misses"], analysis_rows(results))
+    lines += ["", "Effective rank (Tr A)² / ‖A‖²_F of each layer's data-centred kernel (the library's "
+              "unbiased estimate from the sketch, `estimators.effective_rank`, seed 0; per layer in the "
+              "next section). The worst layer pairs of the default estimate:", ""]
+    for name, network in results["networks"].items():
+        for n, size in network["sizes"].items():
+            rows = (size.get("worst_pairs") or {}).get(DEFAULT_KEY)
+            if rows:
+                lines += [f"**{name}, N = {n}**", ""] + worst_table(rows) + [""]
+    lines += ["The worst layer pairs of the feature-kernel estimate (`kind=\"feature\"`, default "
+              "estimator):", ""]
+    for name, network in results["networks"].items():
+        for n, size in network["sizes"].items():
+            rows = (size.get("worst_pairs") or {}).get("cka|feature|sketch")
+            if rows:
+                lines += [f"**{name}, N = {n}**", ""] + worst_table(rows[:5]) + [""]
     return lines
 
 
@@ -957,21 +1031,24 @@ def plot(results: Dict[str, object], path: str) -> None:
     fig, axes = plt.subplots(2, len(names), figsize=(5 * len(names), 7), squeeze=False)
     keys = (DEFAULT_KEY, "cka|hadamard|paper/buckets", "cka|hadamard|plugin/data")
     first_n = str(results["plan"]["sizes"][0]["n"])
+    ticks = sorted({m for size in results["plan"]["sizes"] for m in size["m"]})
     for column, name in enumerate(names):
         for n, size in results["networks"][name]["sizes"].items():
-            style = "-" if n == first_n else "--"
+            style, marker = ("-", "o") if n == first_n else ("--", "s")
             for key, colour in zip(keys, ("tab:blue", "tab:red", "tab:orange")):
                 per_m = size["results"].get(key, {})
                 for row, stat in enumerate(("max_abs", "sd")):
                     points = [(int(m), e["vs_target"][stat]) for m, e in per_m.items()
                               if e["vs_target"][stat] is not None]
                     if points:
-                        axes[row, column].plot(*zip(*points), marker="o", linestyle=style, color=colour,
-                                               label=f"{key.split('|')[2]}, N = {n}")
+                        axes[row, column].plot(*zip(*points), marker=marker, linestyle=style,
+                                               color=colour, label=f"{key.split('|')[2]}, N = {n}")
         for row, title in enumerate(("max |estimate − exact|", "seed-to-seed sd")):
             ax = axes[row, column]
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            ax.set_xticks(ticks, [str(m) for m in ticks])
+            ax.minorticks_off()
             ax.set_xlabel("buckets m")
             ax.set_title(f"{name}: {title} (CKA, K_f∘K_g)", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
@@ -993,6 +1070,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own; 1 with --quick, which is then "
                              "fast even on a busy machine)")
+    parser.add_argument("--report-from", default=None, metavar="JSON",
+                        help="no measurement: write the report (and figure) from a JSON of an earlier run")
     parser.add_argument("--markdown", default=None, help="report (default benchmarks/ACCURACY.md)")
     parser.add_argument("--json", default=None, help="numbers (default benchmarks/results/accuracy.json)")
     parser.add_argument("--plot", default=None, help="figure (default benchmarks/results/accuracy.png)")
@@ -1042,6 +1121,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.markdown = args.markdown or os.path.join(HERE, "ACCURACY.md")
         args.json = args.json or os.path.join(HERE, "results", "accuracy.json")
         args.plot = args.plot or os.path.join(HERE, "results", "accuracy.png")
+    if args.report_from:
+        with open(args.report_from, encoding="utf-8") as handle:
+            results = json.load(handle)
+        args.json = None                  # the numbers stay those of the run that measured them
+        write(results, args)
+        return 0
     command = " ".join(["python benchmarks/accuracy.py"] + (["--quick"] if args.quick else [])
                        + ([f"--width {args.width}"] if args.width != 8 else [])
                        + ([f"--threads {args.threads}"] if args.threads else []))
