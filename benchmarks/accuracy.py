@@ -759,7 +759,8 @@ def order_rows(results: Dict[str, object]) -> List[List[str]]:
                     cells.append("–")
                     continue
                 order = entry["order"]
-                cells.append(f"{yes(order['preserved'])} ({order['flips']} flips, largest exact gap "
+                flips = f"{order['flips']} flip" + ("" if order["flips"] == 1 else "s")
+                cells.append(f"{yes(order['preserved'])} ({flips}, largest exact gap "
                              f"{fmt(order['largest_flipped_gap'])})")
             rows.append(cells)
     return rows
