@@ -30,23 +30,11 @@ import torch
 import harness  # noqa: F401  (first: it finds a checkout's nnsim_fast when none is installed)
 from nnsim_fast import sketch_model
 from nnsim_fast.models import resnet18_cifar
+from peers import _reset_peak_rss as _restart_peak      # /proc/self readers shared with peers.py
+from peers import _status_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = {"features_only": {"gradients": False}, "no_psi": {"psi": False}, "default": {}}
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"/proc/self/status has no {field}")
-
-
-def _restart_peak() -> None:
-    # Writing 5 to clear_refs restarts VmHWM at the current resident size (Linux >= 4.0).
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-        handle.write("5")
 
 
 def run_one(config: str, n: int, width: int, m: int, batch: int) -> Dict:
