@@ -16,12 +16,13 @@ so the collision term ``Tr A Tr B / m`` of the plain inner product lives entirel
 on the diagonal buckets ``b = c``, which the estimators drop.  ``D`` is estimated
 unbiasedly from sketches of the centred diagonal ``d_A = diag(A) - (Tr A / N) 1``::
 
-    D^ = Tr A Tr B / N + <S d_A, S d_B> - <S e_A, S e_B> + <S' e_A, S' e_B>
+    D^ = Tr A Tr B / N + <S d_A, S d_B> - beta (<S e_A, S e_B> - <S' e_A, S' e_B>)
 
 with ``e_A`` the deviations of the raw row norms ``|x_i|^2`` and ``S'`` a wide
-independent CountSketch (``diagonal_width`` buckets): the last two terms are a
-control variate that removes most of the noise when row norms vary a lot (they
-are dropped when the statistics are absent).  Then::
+independent CountSketch (``diagonal_width`` buckets): the bracket is a control
+variate (mean 0) that removes most of the noise when row norms vary a lot, with
+the variance-minimising coefficient ``beta`` in [0, 1] estimated per pair
+(:func:`_control_coefficient`); it is dropped when the statistics are absent.  Then::
 
     <A, B>^   = [sum_{b != c} A~_bc B~_bc + (1/s - 1/m) D^] / (1 - 1/m)
     O^        = [sum_{b != c} A~_bc B~_bc - (1 - 1/s) D^] / (1 - 1/m)
@@ -432,16 +433,45 @@ def _controlled(a: SketchedGram, b: SketchedGram) -> bool:
     return a.wide_deviation is not None and b.wide_deviation is not None
 
 
+def _control_coefficient(*, xu: Tensor, yv: Tensor, xv: Tensor, yu: Tensor, uu: Tensor,
+                         vv: Tensor, uv: Tensor) -> Tensor:
+    """Coefficient ``beta`` of the diagonal's control variate (module docstring), per pair.
+
+    With ``x = d_A``, ``y = d_B`` (centred diagonals) and ``u = e_A``, ``v = e_B`` (raw norm
+    deviations), to leading order in ``1/m``
+    ``Cov(<Sx, Sy>, <Su, Sv>) = (<x,u><y,v> + <x,v><y,u>) / m`` and
+    ``Var <Su, Sv> = (|u|^2 |v|^2 + <u,v>^2) / m``, so ``<Sx, Sy> - beta (<Su, Sv> - <S'u, S'v>)``
+    has the least variance at ``beta = Cov / Var``: 1 when the norms vary row by row
+    (``d ~ e``), near 0 when a large common mean makes ``e`` mostly ``2 x_i . mean``,
+    which ``d`` does not contain (there the fixed ``beta = 1`` adds the noise it should
+    remove).  The inner products come from the sketches themselves: ``<x,u>`` etc. from
+    the m buckets (unbiased), ``|u|^2``, ``|v|^2``, ``<u,v>`` from the wide sketch.  Clipped
+    to [0, 1]; the term it multiplies has mean 0, so the estimate stays unbiased up to
+    the covariance of ``beta``'s own noise with that term (second order, measured in
+    docs/estimators.md §4).
+    """
+    denominator = uu * vv + uv.square()
+    ratio = (xu * yv + xv * yu) / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    return torch.where(denominator > 0, ratio, torch.zeros_like(ratio)).clamp(0.0, 1.0)
+
+
 def _cross_terms(a: SketchedGram, x: int, b: SketchedGram, y: int) -> _Terms:
     """Terms of every layer of ``a`` (half x) against every layer of ``b`` (half y): [La, Lb, m]."""
     ka, kb = a.kernels[:, x], b.kernels[:, y]
     da, db = torch.diagonal(ka, dim1=1, dim2=2), torch.diagonal(kb, dim1=1, dim2=2)
     off = torch.einsum("ibc,jbc->ijb", ka, kb) - da[:, None, :] * db[None, :, :]
-    dev = a.deviation[:, x][:, None, :] * b.deviation[:, y][None, :, :]
+    sa, sb = a.deviation[:, x], b.deviation[:, y]
+    dev = sa[:, None, :] * sb[None, :, :]
     extra = torch.zeros(off.shape[:2], dtype=F64, device=off.device)
     if _controlled(a, b):
-        dev = dev - a.norm_deviation[:, x][:, None, :] * b.norm_deviation[:, y][None, :, :]
-        extra = a.wide_deviation[:, x] @ b.wide_deviation[:, y].T
+        ua, ub = a.norm_deviation[:, x], b.norm_deviation[:, y]
+        wa, wb = a.wide_deviation[:, x], b.wide_deviation[:, y]
+        uv = wa @ wb.T
+        beta = _control_coefficient(
+            xu=(sa * ua).sum(-1)[:, None], yv=(sb * ub).sum(-1)[None, :], xv=sa @ ub.T,
+            yu=(ua @ sb.T), uu=wa.square().sum(-1)[:, None], vv=wb.square().sum(-1)[None, :], uv=uv)
+        dev = dev - beta[..., None] * (ua[:, None, :] * ub[None, :, :])
+        extra = beta * uv
     return _Terms(off, dev, a.trace[:, x][:, None] * b.trace[:, y][None, :], extra)
 
 
@@ -450,11 +480,18 @@ def _self_terms(a: SketchedGram) -> _Terms:
     y = a.halves - 1
     ka, kb = a.kernels[:, 0], a.kernels[:, y]
     off = (ka * kb).sum(-1) - torch.diagonal(ka, dim1=1, dim2=2) * torch.diagonal(kb, dim1=1, dim2=2)
-    dev = a.deviation[:, 0] * a.deviation[:, y]
+    sa, sb = a.deviation[:, 0], a.deviation[:, y]
+    dev = sa * sb
     extra = torch.zeros(off.shape[:1], dtype=F64, device=off.device)
     if _controlled(a, a):
-        dev = dev - a.norm_deviation[:, 0] * a.norm_deviation[:, y]
-        extra = (a.wide_deviation[:, 0] * a.wide_deviation[:, y]).sum(-1)
+        ua, ub = a.norm_deviation[:, 0], a.norm_deviation[:, y]
+        wa, wb = a.wide_deviation[:, 0], a.wide_deviation[:, y]
+        uv = (wa * wb).sum(-1)
+        beta = _control_coefficient(xu=(sa * ua).sum(-1), yv=(sb * ub).sum(-1), xv=(sa * ub).sum(-1),
+                                    yu=(ua * sb).sum(-1), uu=wa.square().sum(-1),
+                                    vv=wb.square().sum(-1), uv=uv)
+        dev = dev - beta[..., None] * (ua * ub)
+        extra = beta * uv
     return _Terms(off, dev, a.trace[:, 0] * a.trace[:, y], extra)
 
 
