@@ -162,6 +162,40 @@ def zeros_like_structure(rep, structure: Mapping[str, Mapping]) -> None:
 
 # --------------------------------------------------------------------------- batches
 
+#: Products summed in the data's precision before a float64 accumulation (``row_sums``).
+SUM_BLOCK = 128
+
+
+def row_sums(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Column sums ``[d]`` and squared row norms ``[B]`` of a batch ``[B, d]``, in float64.
+
+    float64 rows are summed in float64.  Lower precisions are summed in blocks of at most
+    ``SUM_BLOCK`` terms in their own precision (float32 at least), and the block sums in
+    float64: relative error about ``SUM_BLOCK * eps32 / sqrt(3)`` at worst for the norms
+    (positive terms) and ``SUM_BLOCK * eps32`` of the sum of magnitudes for the column
+    sums, the order of the data's own rounding, without a float64 copy of the batch
+    (which cost more than the sketch itself).  A non-finite block (squares beyond the float32 range) falls back to float64.
+    """
+    if x.dtype == torch.float64 or x.shape[0] == 0 or x.shape[1] == 0:
+        x64 = x.to(torch.float64)
+        return x64.sum(0), x64.square().sum(1)
+    x = x if x.dtype == torch.float32 else x.to(torch.float32)
+    batch, dim = x.shape
+    whole = dim - dim % SUM_BLOCK
+    parts = [torch.linalg.vector_norm(x[:, :whole].reshape(batch, -1, SUM_BLOCK), dim=2)] if whole else []
+    if whole < dim:
+        parts.append(torch.linalg.vector_norm(x[:, whole:], dim=1, keepdim=True))
+    norms = torch.cat(parts, 1).to(torch.float64).square().sum(1)
+    full = batch - batch % SUM_BLOCK
+    column = x[full:].to(torch.float64).sum(0)
+    if full:
+        column = column + x[:full].reshape(-1, SUM_BLOCK, dim).sum(1).to(torch.float64).sum(0)
+    if not (bool(torch.isfinite(norms).all()) and bool(torch.isfinite(column).all())):
+        x64 = x.to(torch.float64)
+        return x64.sum(0), x64.square().sum(1)
+    return column, norms
+
+
 def batch_terms(f: torch.Tensor, g: Optional[torch.Tensor], psi_rows, names: Sequence[str]
                 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
     """One batch's contribution to every statistic in ``names``.
@@ -170,28 +204,25 @@ def batch_terms(f: torch.Tensor, g: Optional[torch.Tensor], psi_rows, names: Seq
     total (float64); ``scattered`` maps each sketched statistic to the per-row
     values to scatter into it (``[B, d]`` in the data's dtype for the matrix
     sketches, ``[B]`` float64 for the sketched diagonals, and a pair of
-    ``[B, w]`` float64 rows for ``sketch_psi``).  Norms are taken in float64, so
-    float32 data of any finite size gives finite traces.
+    ``[B, w]`` rows for ``sketch_psi``).  Norms and column sums come from
+    :func:`row_sums` (float64 accumulation; finite for float32 data of any finite size).
     """
     wanted = set(names)
-    f64 = f.to(torch.float64)
-    rows: Dict[str, torch.Tensor] = {"f": f64}
-    norms = {"f": f64.square().sum(1)}
+    sums, norms = {}, {}
+    sums["f"], norms["f"] = row_sums(f)
     if g is not None:
-        g64 = g.to(torch.float64)
-        rows["g"] = g64
-        norms["g"] = g64.square().sum(1)
+        sums["g"], norms["g"] = row_sums(g)
         norms["psi"] = norms["f"] * norms["g"]
         if "sketch_fg" in wanted:
-            rows["fg"] = f64 * g64
-            norms["fg"] = rows["fg"].square().sum(1)
+            fg = f.to(torch.float64) * g.to(torch.float64)
+            sums["fg"], norms["fg"] = fg.sum(0), fg.square().sum(1)
     exact: Dict[str, torch.Tensor] = {}
     scattered: Dict[str, object] = {"sketch_f": f}
     if g is not None:
         scattered["sketch_g"] = g
     for key, norm in norms.items():
-        if key in rows:
-            exact[f"sum_{key}"] = rows[key].sum(0)
+        if key in sums:
+            exact[f"sum_{key}"] = sums[key]
         exact["trace" if key == "psi" else f"sqnorm_{key}"] = norm.sum()
         exact[f"quartic_{key}"] = norm.square().sum()
         scattered[f"sketch_sqnorm_{key}"] = norm
@@ -199,13 +230,14 @@ def batch_terms(f: torch.Tensor, g: Optional[torch.Tensor], psi_rows, names: Seq
     scattered["wide_ones"] = torch.ones_like(norms["f"])
     scattered["counts"] = scattered["wide_ones"]      # counted from the keys (one per row)
     if "sketch_fg" in wanted:
-        scattered["sketch_fg"] = rows["fg"]
+        scattered["sketch_fg"] = fg
     if "mean_psi" in wanted:
-        exact["mean_psi"] = rows["g"].T @ f64
+        exact["mean_psi"] = g.to(torch.float64).T @ f.to(torch.float64)
     if "sketch_psi" in wanted:
-        exact["sum_psi"] = torch.stack([half.sum(0) for half in psi_rows])
+        half_sums, half_norms = zip(*(row_sums(half) for half in psi_rows))
+        exact["sum_psi"] = torch.stack(half_sums)
         scattered["sketch_psi"] = psi_rows
-        half_norms = torch.stack([half.square().sum(1) for half in psi_rows])      # [2, B]
+        half_norms = torch.stack(half_norms)                                         # [2, B]
         exact["sqnorm_psih"] = half_norms.sum(1)
         scattered["sketch_sqnorm_psih"] = scattered["wide_sqnorm_psih"] = half_norms
     return ({k: v for k, v in exact.items() if k in wanted},

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftest import dense_sketch
-from nnsim_fast import Representation, sketch_model
+from nnsim_fast import Representation, sketch_model, state
 from nnsim_fast.sketch import FORMAT_VERSION
 
 TOL = dict(rtol=1e-12, atol=1e-12)
@@ -110,6 +110,35 @@ def test_float32_accumulators():
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(rep.layers[name].sketch_g.double(), S @ grads[name],
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 300), (128, 128), (300, 257), (260, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_row_sums_against_float64(shape, dtype):
+    """Column sums and squared row norms of a batch against float64 sums of the same
+    (rounded) values, for shapes with and without full blocks: float64 input exactly
+    (same operations), lower precisions within the blocked float32 bound of the
+    docstring, SUM_BLOCK * eps32 relative to the sum of magnitudes (a safe factor 2)."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) + 3.0).to(dtype)
+    column, norms = state.row_sums(x)
+    x64 = x.to(torch.float64)
+    assert column.dtype == norms.dtype == torch.float64
+    assert column.shape == (shape[1],) and norms.shape == (shape[0],)
+    bound = 2 * state.SUM_BLOCK * torch.finfo(torch.float32).eps
+    if dtype == torch.float64:
+        bound = 0.0
+    assert torch.all((column - x64.sum(0)).abs() <= bound * x64.abs().sum(0))
+    assert torch.all((norms - x64.square().sum(1)).abs() <= bound * x64.square().sum(1))
+
+
+def test_row_sums_of_huge_float32_values_fall_back_to_float64():
+    """Squares beyond the float32 range: the blocked sums overflow, the float64 ones do not."""
+    x = torch.full((3, 200), 3e20, dtype=torch.float32)
+    column, norms = state.row_sums(x)
+    assert torch.isfinite(norms).all()
+    assert torch.allclose(norms, torch.full((3,), 200 * 3e20 ** 2, dtype=torch.float64), rtol=1e-6)
+    assert torch.allclose(column, torch.full((200,), 9e20, dtype=torch.float64), rtol=1e-6)
 
 
 def test_rows_in_any_order_equal_stream_numbering():
