@@ -303,7 +303,7 @@ class Representation:
         if width:
             psi_rows = tuple(psi_sketch.tensor_sketch_halves(f, g, width, self.seed).unbind(0))
         names = [s.name for s in self.stats]
-        exact, scattered = batch_terms(f, g, psi_rows, names)
+        exact, scattered = batch_terms(f, g, psi_rows, names, self.dtype == torch.float64)
         for key, value in exact.items():
             if not bool(torch.isfinite(value).all()):
                 raise FloatingPointError(f"layer {name!r}{where}: {key} overflows float64")

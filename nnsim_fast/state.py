@@ -166,17 +166,18 @@ def zeros_like_structure(rep, structure: Mapping[str, Mapping]) -> None:
 SUM_BLOCK = 128
 
 
-def row_sums(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def row_sums(x: torch.Tensor, float64: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Column sums ``[d]`` and squared row norms ``[B]`` of a batch ``[B, d]``, in float64.
 
-    float64 rows are summed in float64.  Lower precisions are summed in blocks of at most
+    float64 rows, or any rows with ``float64=True`` (a representation with float64
+    accumulators), are summed in float64.  Otherwise rows are summed in blocks of at most
     ``SUM_BLOCK`` terms in their own precision (float32 at least), and the block sums in
     float64: relative error about ``SUM_BLOCK * eps32 / sqrt(3)`` at worst for the norms
     (positive terms) and ``SUM_BLOCK * eps32`` of the sum of magnitudes for the column
     sums, the order of the data's own rounding, without a float64 copy of the batch
     (which cost more than the sketch itself).  A non-finite block (squares beyond the float32 range) falls back to float64.
     """
-    if x.dtype == torch.float64 or x.shape[0] == 0 or x.shape[1] == 0:
+    if float64 or x.dtype == torch.float64 or x.shape[0] == 0 or x.shape[1] == 0:
         x64 = x.to(torch.float64)
         return x64.sum(0), x64.square().sum(1)
     x = x if x.dtype == torch.float32 else x.to(torch.float32)
@@ -196,8 +197,8 @@ def row_sums(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return column, norms
 
 
-def batch_terms(f: torch.Tensor, g: Optional[torch.Tensor], psi_rows, names: Sequence[str]
-                ) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
+def batch_terms(f: torch.Tensor, g: Optional[torch.Tensor], psi_rows, names: Sequence[str],
+                float64: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
     """One batch's contribution to every statistic in ``names``.
 
     Returns ``(exact, scattered)``: ``exact`` maps each exact sum to its batch
@@ -205,13 +206,14 @@ def batch_terms(f: torch.Tensor, g: Optional[torch.Tensor], psi_rows, names: Seq
     values to scatter into it (``[B, d]`` in the data's dtype for the matrix
     sketches, ``[B]`` float64 for the sketched diagonals, and a pair of
     ``[B, w]`` rows for ``sketch_psi``).  Norms and column sums come from
-    :func:`row_sums` (float64 accumulation; finite for float32 data of any finite size).
+    :func:`row_sums` (float64 accumulation, all in float64 with ``float64=True``; finite
+    for float32 data of any finite size).
     """
     wanted = set(names)
     sums, norms = {}, {}
-    sums["f"], norms["f"] = row_sums(f)
+    sums["f"], norms["f"] = row_sums(f, float64)
     if g is not None:
-        sums["g"], norms["g"] = row_sums(g)
+        sums["g"], norms["g"] = row_sums(g, float64)
         norms["psi"] = norms["f"] * norms["g"]
         if "sketch_fg" in wanted:
             fg = f.to(torch.float64) * g.to(torch.float64)
@@ -234,7 +236,7 @@ def batch_terms(f: torch.Tensor, g: Optional[torch.Tensor], psi_rows, names: Seq
     if "mean_psi" in wanted:
         exact["mean_psi"] = g.to(torch.float64).T @ f.to(torch.float64)
     if "sketch_psi" in wanted:
-        half_sums, half_norms = zip(*(row_sums(half) for half in psi_rows))
+        half_sums, half_norms = zip(*(row_sums(half, float64) for half in psi_rows))
         exact["sum_psi"] = torch.stack(half_sums)
         scattered["sketch_psi"] = psi_rows
         half_norms = torch.stack(half_norms)                                         # [2, B]

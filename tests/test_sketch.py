@@ -132,6 +132,14 @@ def test_row_sums_against_float64(shape, dtype):
     assert torch.all((norms - x64.square().sum(1)).abs() <= bound * x64.square().sum(1))
 
 
+def test_row_sums_in_float64_on_request():
+    """float64 accumulators ask for float64 sums of float32 rows: the same as summing the
+    float64 copy."""
+    x = torch.randn(300, 257, generator=torch.Generator().manual_seed(4)) + 3.0
+    column, norms = state.row_sums(x, float64=True)
+    assert torch.equal(column, x.double().sum(0)) and torch.equal(norms, x.double().square().sum(1))
+
+
 def test_row_sums_of_huge_float32_values_fall_back_to_float64():
     """Squares beyond the float32 range: the blocked sums overflow, the float64 ones do not."""
     x = torch.full((3, 200), 3e20, dtype=torch.float32)
