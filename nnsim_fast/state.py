@@ -175,7 +175,8 @@ def row_sums(x: torch.Tensor, float64: bool = False) -> Tuple[torch.Tensor, torc
     float64: relative error about ``SUM_BLOCK * eps32 / sqrt(3)`` at worst for the norms
     (positive terms) and ``SUM_BLOCK * eps32`` of the sum of magnitudes for the column
     sums, the order of the data's own rounding, without a float64 copy of the batch
-    (which cost more than the sketch itself).  A non-finite block (squares beyond the float32 range) falls back to float64.
+    (which cost more than the sketch itself).  A non-finite block (squares beyond the
+    float32 range) falls back to float64.
     """
     if float64 or x.dtype == torch.float64 or x.shape[0] == 0 or x.shape[1] == 0:
         x64 = x.to(torch.float64)
