@@ -215,8 +215,11 @@ def _resolution_notes(error: torch.Tensor, names_a, names_b, m: int) -> List[str
     worst = float(error.masked_fill(~torch.isfinite(error), math.inf).max())
     pairs = [(names_a[i], names_b[j]) for i, j in flagged.nonzero().tolist()]
     shown = ", ".join(f"({a}, {b})" for a, b in pairs[:4]) + (" ..." if len(pairs) > 4 else "")
+    larger = estimators.suggested_m(worst, m)
+    advice = "a larger m" if larger is None else \
+        f"m={larger} (the error falls like 1/sqrt(m) or faster)"
     note = (f"m={m} is too small for {len(pairs)} layer pair(s) {shown}: standard error up to "
-            f"{worst:.3g} (> {estimators.RESOLUTION_TOLERANCE}); sketch with a larger m, or check "
+            f"{worst:.3g} (> {estimators.RESOLUTION_TOLERANCE}); sketch with {advice}, or check "
             "a subset with estimator='exact'")
     warnings.warn(note, ResolutionWarning, stacklevel=4)
     return [note]

@@ -56,7 +56,7 @@ from ._checks import check_bool, check_float, check_int
 __all__ = [
     "SketchedGram", "RowStatistics", "KeyStatistics", "row_statistics", "key_statistics",
     "diagonal_seed", "centred_gram", "gram_from_rows", "stack_grams", "hsic_matrix",
-    "cka_matrix", "nbs_matrix", "effective_rank", "resolution_warnings",
+    "cka_matrix", "nbs_matrix", "effective_rank", "resolution_warnings", "suggested_m",
     "RESOLUTION_TOLERANCE", "DIAGONAL_WIDTH",
 ]
 
@@ -64,8 +64,8 @@ F64 = torch.float64
 _EPS64 = torch.finfo(F64).eps
 
 #: Standard error of a CKA estimate above which :func:`resolution_warnings` reports
-#: that ``m`` is too small for the layer pair: three such errors make the 0.03 that
-#: the library promises at its default sizes.
+#: that ``m`` is too small for the layer pair: three such errors make 0.03, the
+#: accuracy the default aims for (benchmarks/ACCURACY.md says where it gets there).
 RESOLUTION_TOLERANCE = 0.01
 
 #: Buckets of the wide sketch ``S'`` of the row norms (the diagonal's control
@@ -671,6 +671,26 @@ def resolution_warnings(stderr: Tensor, tolerance: float = RESOLUTION_TOLERANCE)
     stderr = _tensor(stderr, "stderr", allow_inf=True)     # inf: no usable estimate
     tolerance = check_float(tolerance, "tolerance", 0.0, low_open=True)
     return ~(stderr <= tolerance)
+
+
+def suggested_m(stderr: float, m: int, tolerance: float = RESOLUTION_TOLERANCE) -> Optional[int]:
+    """A sketch size whose standard error should fall to ``tolerance``: the standard error
+    of the corrected CKA falls like ``1/sqrt(m)`` at worst (low-rank layers, the floor of
+    docs/estimators.md section 6; high-rank pairs fall faster, like ``1/m``), so
+    ``m (stderr / tolerance)^2``, rounded up to a power of two.  None when ``stderr`` is
+    not finite (no usable estimate to extrapolate from) or the size would exceed the
+    sketch's largest bucket count; ``m`` itself when ``stderr <= tolerance``."""
+    m = check_int(m, "m", 3)
+    tolerance = check_float(tolerance, "tolerance", 0.0, low_open=True)
+    if not isinstance(stderr, (int, float)) or isinstance(stderr, bool):
+        raise TypeError(f"stderr must be a number, got {type(stderr).__name__}")
+    if not math.isfinite(stderr):
+        return None
+    if stderr <= tolerance:
+        return m
+    wanted = m * (stderr / tolerance) ** 2
+    size = 1 << max(0, math.ceil(math.log2(wanted)))
+    return size if size <= ops.MAX_BUCKETS else None
 
 
 # --------------------------------------------------------------------------- NBS

@@ -18,7 +18,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from nnsim_fast import (Representation, indices, mean_embedding_norm, ops, similarity,
+from nnsim_fast import (Representation, estimators, indices, mean_embedding_norm, ops, similarity,
                         similarity_matrix, sketch_model)
 from nnsim_fast.compare import DifferentRowsWarning, ResolutionWarning
 
@@ -432,3 +432,22 @@ def test_same_network_scores_one_and_reinitialised_scores_lower():
         different, _, _ = similarity(rep, rep_other, index=index)
         # Re-initialised weights: clearly lower at the deep layers.
         assert float(different.diagonal()[2:].max()) < 0.9, different.diagonal()
+
+
+def test_resolution_warning_names_a_sketch_size_that_suffices():
+    """Low-rank layers at a small m: the warning names the layer pairs, the largest standard
+    error and the m that ``estimators.suggested_m`` derives from it (a power of two above m)."""
+    gen = torch.Generator().manual_seed(3)
+    n, m = 1000, 32
+    base = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    feats = {"a": base @ torch.randn(2, 6, generator=gen, dtype=torch.float64),
+             "b": torch.cat([base[:, :1], torch.randn(n, 1, generator=gen, dtype=torch.float64)], 1)}
+    rep = Representation(m, 0, dtype=torch.float64, gradients=False)
+    rep.update(feats)
+    with pytest.warns(ResolutionWarning) as caught:
+        result = similarity(rep, rep, kind="feature")
+    worst = float(result.error.max())
+    suggested = estimators.suggested_m(worst, m)
+    assert worst > estimators.RESOLUTION_TOLERANCE and suggested > m
+    message = str(caught[0].message)
+    assert f"sketch with m={suggested} " in message and f"{worst:.3g}" in message

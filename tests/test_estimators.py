@@ -464,6 +464,47 @@ def test_resolution_warnings():
 
 # --------------------------------------------------------------------------- bad input
 
+def test_suggested_m_values():
+    assert est.suggested_m(0.02, 512) == 2048            # (0.02 / 0.01)^2 = 4 exactly
+    assert est.suggested_m(0.0234, 512) == 4096          # 512 * 5.48 = 2804, next power of two
+    assert est.suggested_m(0.005, 512) == 512            # already within the tolerance
+    assert est.suggested_m(0.03, 512, tolerance=0.01) == 8192
+    assert est.suggested_m(math.inf, 512) is None
+    assert est.suggested_m(1e6, 512) is None             # beyond the largest bucket count
+    with pytest.raises(TypeError, match="stderr"):
+        est.suggested_m(torch.tensor(0.1), 512)
+    with pytest.raises(ValueError, match="tolerance"):
+        est.suggested_m(0.1, 512, tolerance=0.0)
+
+
+def test_suggested_m_brings_the_standard_error_to_the_tolerance():
+    """A low-rank pair (rank 2 and 3, the slowest case: error ~ 1/sqrt(m)) whose mean
+    jackknife stderr over seeds exceeds a tolerance at m = 32: at the suggested m the mean
+    stderr is within the tolerance up to 25% (the law is leading order in 1/m; the mean
+    over 20 seeds has a relative sd of a few percent), and the seed-to-seed sd too."""
+    gen = torch.Generator().manual_seed(21)
+    n = 4000
+    x = torch.randn(n, 2, generator=gen, dtype=F64) @ torch.randn(2, 6, generator=gen, dtype=F64)
+    y = torch.cat([x[:, :1], torch.randn(n, 2, generator=gen, dtype=F64)], 1) @ \
+        torch.randn(3, 5, generator=gen, dtype=F64)
+
+    def run(m):
+        values, errors = [], []
+        for seed in range(20):
+            value, error = est.cka_matrix(gram(x, m, seed), gram(y, m, seed))
+            values.append(float(value[0, 0]))
+            errors.append(float(error[0, 0]))
+        return torch.tensor(values), torch.tensor(errors)
+
+    _, small = run(32)
+    tolerance = float(small.mean()) / 3.0
+    m = est.suggested_m(float(small.mean()), 32, tolerance)
+    assert m == 512
+    values, errors = run(m)
+    assert float(errors.mean()) <= 1.25 * tolerance, (float(errors.mean()), tolerance)
+    assert float(values.std()) <= 1.25 * tolerance, (float(values.std()), tolerance)
+
+
 def test_bad_inputs_raise_naming_the_argument():
     x, y = pair("low")
     stats = est.row_statistics(x, 8, 0)
