@@ -57,7 +57,7 @@ def test_quick_run_writes_every_variant(tmp_path):
     per_model = len(data["layers"]) // len(models)
     cross = len(data["layers"]) ** 2 - len(models) * per_model ** 2
     assert set(data["results"]) == {f"{k}|{v}" for k in ("hadamard", "feature")
-                                    for v in ("estimated", "fixed", "none")}
+                                    for v in ("estimated", "fixed", "none", "exact-norms")}
     for entry in data["results"].values():
         assert entry["entries"] == cross * data["seeds"]
         assert 0.0 <= entry["pooled_sd"] <= entry["max_sd"]
