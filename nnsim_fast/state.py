@@ -172,9 +172,9 @@ def row_sums(x: torch.Tensor, float64: bool = False) -> Tuple[torch.Tensor, torc
     float64 rows, or any rows with ``float64=True`` (a representation with float64
     accumulators), are summed in float64.  Otherwise rows are summed in blocks of at most
     ``SUM_BLOCK`` terms in their own precision (float32 at least), and the block sums in
-    float64: relative error about ``SUM_BLOCK * eps32 / sqrt(3)`` at worst for the norms
-    (positive terms) and ``SUM_BLOCK * eps32`` of the sum of magnitudes for the column
-    sums, the order of the data's own rounding, without a float64 copy of the batch
+    float64: relative error at most about ``SUM_BLOCK * eps32`` (1.5e-5) for the norms
+    (positive terms), and that much of the sum of magnitudes for the column sums, near
+    the data's own rounding (typically far below it), without a float64 copy of the batch
     (which cost more than the sketch itself).  A non-finite block (squares beyond the
     float32 range) falls back to float64.
     """
