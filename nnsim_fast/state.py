@@ -174,8 +174,8 @@ def row_sums(x: torch.Tensor, float64: bool = False) -> Tuple[torch.Tensor, torc
     ``SUM_BLOCK`` terms in their own precision (float32 at least), and the block sums in
     float64: relative error at most about ``SUM_BLOCK * eps32`` (1.5e-5) for the norms
     (positive terms), and that much of the sum of magnitudes for the column sums, near
-    the data's own rounding (typically far below it), without a float64 copy of the batch
-    (which cost more than the sketch itself).  A non-finite block (squares beyond the
+    the data's own rounding (the typical error is far smaller), without a float64 copy of
+    the batch (which cost more than the sketch).  A non-finite block (squares beyond the
     float32 range) falls back to float64.
     """
     if float64 or x.dtype == torch.float64 or x.shape[0] == 0 or x.shape[1] == 0:
