@@ -216,8 +216,10 @@ def batch_terms(f: torch.Tensor, g: Optional[torch.Tensor], psi_rows, names: Seq
     if g is not None:
         sums["g"], norms["g"] = row_sums(g, float64)
         norms["psi"] = norms["f"] * norms["g"]
+        if wanted & {"sketch_fg", "mean_psi"}:       # options that need the rows in float64
+            f64, g64 = f.to(torch.float64), g.to(torch.float64)
         if "sketch_fg" in wanted:
-            fg = f.to(torch.float64) * g.to(torch.float64)
+            fg = f64 * g64
             sums["fg"], norms["fg"] = fg.sum(0), fg.square().sum(1)
     exact: Dict[str, torch.Tensor] = {}
     scattered: Dict[str, object] = {"sketch_f": f}
@@ -235,7 +237,7 @@ def batch_terms(f: torch.Tensor, g: Optional[torch.Tensor], psi_rows, names: Seq
     if "sketch_fg" in wanted:
         scattered["sketch_fg"] = fg
     if "mean_psi" in wanted:
-        exact["mean_psi"] = g.to(torch.float64).T @ f.to(torch.float64)
+        exact["mean_psi"] = g64.T @ f64
     if "sketch_psi" in wanted:
         half_sums, half_norms = zip(*(row_sums(half, float64) for half in psi_rows))
         exact["sum_psi"] = torch.stack(half_sums)

@@ -53,3 +53,22 @@ def dense_sketch(n: int, m: int, seed: int, sparsity: int = 1, rows=None) -> tor
     for j in range(sparsity):
         S[buckets[:, j], columns] = signs[:, j].to(torch.float64) / math.sqrt(sparsity)
     return S
+
+
+def load_benchmark(filename: str, module_name: str):
+    """Import ``benchmarks/<filename>`` as ``module_name`` (registered in ``sys.modules``:
+    dataclasses look their module up by name), with its folder on ``sys.path`` while it
+    imports its neighbours (``harness``, ``accuracy``)."""
+    import importlib.util
+    import os
+    import sys
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(module_name, os.path.join(folder, filename))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(folder)

@@ -6,7 +6,6 @@ from dense kernels, the default estimator's errors are held against its own stan
 statistics are recomputed from the raw estimates, and the report's numbers are read back and
 compared with the JSON.
 """
-import importlib.util
 import json
 import math
 import os
@@ -19,25 +18,14 @@ import pytest
 import torch
 
 import nnsim_fast
+from conftest import load_benchmark
 from nnsim_fast.extract import features_and_gradients
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "accuracy.py")
 
 
-def _load_script():
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    try:
-        spec = importlib.util.spec_from_file_location("accuracy_benchmark", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module            # dataclasses look their module up by name
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(os.path.dirname(SCRIPT))
-
-
-bench = _load_script()
+bench = load_benchmark("accuracy.py", "accuracy_benchmark")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ Not a benchmark: a tiny ResNet on 128 inputs in a fresh process (seconds).  The 
 reference is checked against the library's own exact index on random kernels, and the JSON's
 statistics against their definitions.
 """
-import importlib.util
 import json
 import math
 import os
@@ -13,26 +12,15 @@ import sys
 
 import torch
 
+from conftest import load_benchmark
 from nnsim_fast import indices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "control_variate.py")
 
 
-def _load_script():
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    try:
-        spec = importlib.util.spec_from_file_location("control_variate_benchmark", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(os.path.dirname(SCRIPT))
-
-
 def test_exact_reference_is_the_centred_cka():
-    bench = _load_script()
+    bench = load_benchmark("control_variate.py", "control_variate_benchmark")
     gen = torch.Generator().manual_seed(0)
     rows = {f"m{i}:l": (torch.relu(torch.randn(40, 5, generator=gen)) + 1.0,
                         torch.randn(40, 3, generator=gen)) for i in range(3)}
