@@ -18,7 +18,10 @@ from .state import LayerStats, RowSet, enabled_stats, stat_shape
 
 _MAX_ROW = (1 << 62) - 1
 _MAX_WIDTH = 1 << 40
-_OPTION_TYPES = {"gradients": bool, "psi_dim": int, "product": bool, "mean_embedding": bool}
+_OPTION_TYPES = {"gradients": bool, "psi_dim": int, "psi_buckets": int, "product": bool,
+                 "mean_embedding": bool}
+#: Older formats this version reads (upgraded in memory by :func:`upgrade`).
+READABLE_FORMATS = (2,)
 
 
 class _Bad(ValueError):
@@ -41,11 +44,35 @@ def parse_metadata(header: Mapping[str, str], path, version: int, key: str) -> D
         raise ValueError(f"{str(path)!r}: corrupt representation metadata ({error})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{str(path)!r}: corrupt representation metadata (not a mapping)")
-    if meta.get("format") != version:
+    if meta.get("format") != version and meta.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{str(path)!r} has representation format {meta.get('format')!r}; this "
                          f"nnsim_fast (version {__version__}) reads format {version}; re-sketch "
                          "with this version")
     return meta
+
+
+def upgrade(tensors: Dict[str, torch.Tensor], meta: Dict) -> None:
+    """Bring format-2 ``(tensors, meta)`` to the current format, in place (after the checksums
+    were verified).  Format 2 kept the psi halves at the ``m`` buckets of ``S``: they become
+    ``psi_buckets = m`` with ``S_p 1 = S 1`` and the bucket loads of ``S``; the sketched
+    diagonal of ``K`` moves to the psi group."""
+    if meta.get("format") != 2:
+        return
+    options, layers = meta.get("options"), meta.get("layers")
+    if not isinstance(options, dict) or not isinstance(layers, dict):
+        return                          # the validation of the rebuild reports it
+    psi_on = bool(options.get("psi_dim")) and bool(options.get("gradients"))
+    options["psi_buckets"] = meta.get("m") if psi_on else 0
+    ones = tensors.get("sketch_ones")
+    for info in layers.values():
+        index = info.get("index") if isinstance(info, dict) else None
+        prefix = f"layer{index}."
+        if not psi_on:
+            tensors.pop(prefix + "sketch_sqnorm_psi", None)
+        elif ones is not None and prefix + "counts" in tensors:
+            tensors[prefix + "psi_ones"] = ones.reshape(-1)
+            tensors[prefix + "psi_counts"] = tensors[prefix + "counts"].clone()
+    meta["format"] = 3
 
 
 def _check_options(options) -> Dict:
@@ -56,7 +83,7 @@ def _check_options(options) -> Dict:
         if kind is bool and not isinstance(value, bool):
             raise _Bad(f"option {name} must be true or false, got {value!r}")
         if kind is int:
-            _int(value, f"option {name}", 0, 1 << 24)
+            _int(value, f"option {name}", 0, (1 << 31) - 1 if name == "psi_buckets" else 1 << 24)
     return options
 
 
@@ -102,7 +129,7 @@ def _check_dims(name: str, info, options: Dict) -> Dict[str, int]:
     return {"df": df, "dg": dg, "w": w}
 
 
-def _layer_tensors(name: str, index: int, dims: Dict[str, int], stats, dtype, m: int,
+def _layer_tensors(name: str, index: int, dims: Dict[str, int], stats, dtype, m: int, mp: int,
                    tensors: Mapping[str, torch.Tensor], used: List[str]) -> Dict[str, torch.Tensor]:
     values = {}
     for stat in stats:
@@ -110,7 +137,7 @@ def _layer_tensors(name: str, index: int, dims: Dict[str, int], stats, dtype, m:
         if key not in tensors:
             raise _Bad(f"layer {name!r} lacks {stat.name}")
         value = tensors[key]
-        want_shape = stat_shape(stat, dict(dims, m=m))
+        want_shape = stat_shape(stat, dict(dims, m=m, mp=mp))
         want_dtype = torch.float64 if stat.exact else dtype
         if tuple(value.shape) != want_shape or value.dtype != want_dtype:
             raise _Bad(f"layer {name!r}: {stat.name} is {value.dtype} {tuple(value.shape)}, "
@@ -151,10 +178,13 @@ def _rebuild(cls, tensors, meta, device):
         rep = cls(_int(meta["m"], "m", 1, (1 << 31) - 1), _int(meta["seed"], "seed", 0, (1 << 63) - 1),
                   _int(meta["sparsity"], "sparsity", 1, 32), dtype=getattr(torch, meta["dtype"]),
                   device=device, gradients=options["gradients"], psi=bool(options["psi_dim"]),
-                  psi_dim=options["psi_dim"] or None, product=options["product"],
+                  psi_dim=options["psi_dim"] or None, psi_buckets=options["psi_buckets"] or None,
+                  product=options["product"],
                   mean_embedding=options["mean_embedding"], meta=user_meta)
     except (TypeError, ValueError) as error:
         raise _Bad(str(error)) from None
+    if rep.options != options:
+        raise _Bad(f"options {options} are inconsistent (they imply {rep.options})")
     rep.meta = dict(user_meta)
     rep.rows, rep.n, rep.row_keys = _check_rows(meta), meta["n"], meta["row_keys"]
     ones = tensors.get("sketch_ones")
@@ -179,7 +209,8 @@ def _rebuild_layers(rep, tensors, layers, options) -> Dict[str, LayerStats]:
         if not isinstance(name, str) or not name:
             raise _Bad(f"layer name {name!r}")
         dims = _check_dims(name, info, options)
-        values = _layer_tensors(name, info["index"], dims, stats, rep.dtype, rep.m, tensors, used)
+        values = _layer_tensors(name, info["index"], dims, stats, rep.dtype, rep.m,
+                                rep.options["psi_buckets"], tensors, used)
         out[name] = LayerStats({k: v.to(rep.device) for k, v in values.items()}, dims,
                                tuple(info["feature_shape"]))
     extra = sorted(set(tensors) - set(used))

@@ -204,11 +204,14 @@ def _sketch_estimate(rep_a, rep_b, names_a, names_b, index, kind, debiased):
             raise ValueError("debiased=True applies to index='cka' only")
         return estimators.nbs_matrix(grams_a, grams_b), None, _nbs_notes(grams_a, grams_b, rep_a.m)
     matrix, error = estimators.cka_matrix(grams_a, grams_b, debiased=debiased)
-    notes = _resolution_notes(error, names_a, names_b, rep_a.m)
+    # The psi halves (kind "hadamard" / "psi") have their own buckets, psi_buckets.
+    option = "psi_buckets" if kind in ("hadamard", "psi") else "m"
+    notes = _resolution_notes(error, names_a, names_b, int(grams_a.ones.shape[-1]), option)
     return matrix, error, notes
 
 
-def _resolution_notes(error: torch.Tensor, names_a, names_b, m: int) -> List[str]:
+def _resolution_notes(error: torch.Tensor, names_a, names_b, m: int, option: str = "m"
+                      ) -> List[str]:
     flagged = estimators.resolution_warnings(error)
     if not bool(flagged.any()):
         return []
@@ -216,9 +219,9 @@ def _resolution_notes(error: torch.Tensor, names_a, names_b, m: int) -> List[str
     pairs = [(names_a[i], names_b[j]) for i, j in flagged.nonzero().tolist()]
     shown = ", ".join(f"({a}, {b})" for a, b in pairs[:4]) + (" ..." if len(pairs) > 4 else "")
     larger = estimators.suggested_m(worst, m)
-    advice = "a larger m" if larger is None else \
-        f"m={larger} (the error falls like 1/sqrt(m) or faster)"
-    note = (f"m={m} is too small for {len(pairs)} layer pair(s) {shown}: standard error up to "
+    advice = f"a larger {option}" if larger is None else \
+        f"{option}={larger} (the error falls like 1/sqrt({option}) or faster)"
+    note = (f"{option}={m} is too small for {len(pairs)} layer pair(s) {shown}: standard error up to "
             f"{worst:.3g} (> {estimators.RESOLUTION_TOLERANCE}); sketch with {advice}, or check "
             "a subset with estimator='exact'")
     warnings.warn(note, ResolutionWarning, stacklevel=4)
@@ -332,9 +335,9 @@ def _kernel_frobenius_sq(rep: Representation, layer: str) -> float:
     stats = rep.layer(layer)
     if stats.sketch_psi is None:
         raise ValueError("the Frobenius factor needs the psi statistics; sketch with psi=True")
-    ones = rep.sketch_ones.to(torch.float64).reshape(-1)
     # Zero column sums: "centring" by a zero mean leaves the kernel uncentred.
-    gram = centred_gram(stats.sketch_psi.to(torch.float64), torch.zeros_like(stats.sum_psi), ones,
+    gram = centred_gram(stats.sketch_psi.to(torch.float64), torch.zeros_like(stats.sum_psi),
+                        stats.psi_ones,
                         rep.n, stats.sketch_sqnorm_psi.expand(2, -1),
                         stats.trace.reshape(1).expand(2), rep.sparsity)
     return float(estimators.hsic_matrix(gram)[0, 0]) * (rep.n - 1) ** 2

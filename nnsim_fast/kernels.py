@@ -134,7 +134,9 @@ def sketched_kernels(layers: Sequence[Mapping[str, torch.Tensor]], sketch_ones: 
         sketch = sketch.to(torch.float64)
         if centering != "data":
             return sketch
-        return _centred_sketch(sketch, stats[f"sum_{which}"].to(torch.float64), ones, n)
+        # The psi halves have their own buckets (and so their own S 1).
+        column_ones = stats["psi_ones"].to(torch.float64).unsqueeze(-1) if which == "psi" else ones
+        return _centred_sketch(sketch, stats[f"sum_{which}"].to(torch.float64), column_ones, n)
 
     if kind == "psi":
         # Mean of the Grams of the two independent TensorSketch halves: PSD, and
@@ -177,7 +179,8 @@ def _factor_gram(stats: Mapping[str, torch.Tensor], which: str, ones: torch.Tens
         # Two independent TensorSketch halves of psi, each centred with its own rows' norms
         # |T_h psi_i|^2 (exact for the half: the common mean's energy cancels within it).
         extras = _control_statistics(stats, "psih")
-        return centred_gram(sketch.to(torch.float64), stats["sum_psi"], ones, n,
+        extras["counts"] = stats["psi_counts"]
+        return centred_gram(sketch.to(torch.float64), stats["sum_psi"], stats["psi_ones"], n,
                             stats["sketch_sqnorm_psih"], stats["sqnorm_psih"], sparsity, **extras)
     extras = _control_statistics(stats, which)
     return centred_gram(sketch.to(torch.float64).unsqueeze(0), stats[f"sum_{which}"].unsqueeze(0),

@@ -31,6 +31,30 @@ from ._checks import check_int
 
 #: Default TensorSketch width of each half when psi is too large to keep exactly.
 DEFAULT_PSI_DIM = 4096
+#: Upper end of the default sample-axis resolution of the halves (docs/estimators.md, §6).
+DEFAULT_PSI_BUCKETS = 2048
+
+
+def default_psi_buckets(m: int, sparsity: int = 1) -> int:
+    """Default sample-axis buckets of the psi halves: ``4 m`` up to ``DEFAULT_PSI_BUCKETS``,
+    never fewer than ``m``, a multiple of ``sparsity`` (2048 at ``m = 512``).
+
+    The default estimator reads only the halves, and its error on low-rank layers falls
+    like ``1 / sqrt(buckets)`` (the floor of any sample-axis sketch), so the halves get a
+    finer resolution than the ``m x d`` sketches of the features and gradients, whose
+    memory grows with the layer width; the halves' width is fixed (``psi_dim``).
+    """
+    m = check_int(m, "m", 1, ops.MAX_BUCKETS)
+    sparsity = check_int(sparsity, "sparsity", 1, ops.MAX_SPARSITY)
+    return max(m, min(4 * m, DEFAULT_PSI_BUCKETS) // sparsity * sparsity)
+
+
+def check_psi_buckets(buckets, m: int, sparsity: int = 1) -> int:
+    """``psi_buckets`` validated: an integer in ``[3, MAX_BUCKETS]`` divisible by ``sparsity``."""
+    buckets = check_int(buckets, "psi_buckets", 3, ops.MAX_BUCKETS)
+    if buckets % sparsity:
+        raise ValueError(f"sparsity ({sparsity}) must divide psi_buckets ({buckets})")
+    return buckets
 
 
 # --------------------------------------------------------------------------- two halves

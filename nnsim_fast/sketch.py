@@ -26,7 +26,7 @@ from . import psi as psi_sketch
 from ._checks import check_bool, check_float, check_int
 from .state import COMPARED_META, STATS, WIDE, LayerStats, RowSet, Stat, batch_terms, enabled_stats
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _META_KEY = "nnsim_fast"
 _MAX_ROW = (1 << 62) - 1
 
@@ -36,10 +36,10 @@ def _library_version() -> str:
     return __version__
 
 
-def _scatter_columns(values, scattered, prefix: str, buckets: int, args) -> None:
-    """Sketch every per-row vector statistic named ``prefix...`` in one call: ``[B]`` values
-    (one column) or ``[h, B]`` (h columns, accumulated as ``[h, buckets]``)."""
-    keys = [k for k in scattered if k.startswith(prefix)]
+def _scatter_columns(values, scattered, keys: Sequence[str], buckets: int, args) -> None:
+    """Sketch the per-row vector statistics ``keys`` in one call: ``[B]`` values (one
+    column) or ``[h, B]`` (h columns, accumulated as ``[h, buckets]``)."""
+    keys = [k for k in keys if k in scattered]
     if not keys:
         return
     parts = [scattered[k].reshape(-1, scattered[k].shape[-1]) for k in keys]      # [h, B] each
@@ -49,6 +49,12 @@ def _scatter_columns(values, scattered, prefix: str, buckets: int, args) -> None
         block = sketched[:, start:start + part.shape[0]].T                       # [h, buckets]
         values[key] += block.reshape(values[key].shape)
         start += part.shape[0]
+
+
+#: The per-row vector statistics scattered at each resolution (m, psi_buckets, WIDE).
+_COLUMNS_M = tuple(s.name for s in STATS if s.shape[-1:] == ("m",) and s.name != "counts")
+_COLUMNS_PSI = tuple(s.name for s in STATS if s.shape[-1:] == ("mp",) and s.name != "psi_counts")
+_COLUMNS_WIDE = tuple(s.name for s in STATS if s.shape[-1:] == ("M",))
 
 
 class SketchSpec:
@@ -68,6 +74,11 @@ class SketchSpec:
                 raise ValueError(f"cannot {what} representations sketched with different {key} "
                                  f"({getattr(a, key)} vs {getattr(b, key)}): their buckets do not "
                                  "correspond; sketch both with the same m, seed and sparsity")
+        fine = (a.options.get("psi_buckets"), b.options.get("psi_buckets"))
+        if fine[0] and fine[1] and fine[0] != fine[1]:
+            raise ValueError(f"cannot {what} representations whose psi halves have different "
+                             f"psi_buckets ({fine[0]} vs {fine[1]}): sketch both with the same "
+                             "psi_buckets")
 
     @staticmethod
     def mergeable(a: "Representation", b: "Representation", what: str = "merge") -> None:
@@ -106,6 +117,12 @@ class Representation:
       psi: keep the two TensorSketch halves of ``psi = g (x) f`` that the
         default estimator of ``kind="hadamard"`` uses (width ``psi_dim`` each,
         or ``df * dg`` when that is smaller); needs ``gradients``.
+      psi_buckets: sample-axis buckets of the psi halves (the same hash, its
+        own resolution; divisible by ``sparsity``).  Default
+        :func:`nnsim_fast.psi.default_psi_buckets`: ``4 m`` up to 2048, never
+        below ``m`` (2048 at the default ``m = 512``), where the default
+        estimator's error meets 0.03 on real networks (docs/estimators.md,
+        section 6); it costs ``2 * psi_buckets * psi_dim`` floats per layer.
       product: keep the sketch of ``f o g`` (``kind="khatri_rao"``).
       mean_embedding: keep the exact ``sum_i g_i f_i^T`` (``df * dg`` floats
         per layer) for :func:`nnsim_fast.mean_embedding_norm`.
@@ -113,7 +130,8 @@ class Representation:
 
     def __init__(self, m: int, seed: int, sparsity: int = 1, *, beta: Optional[float] = None,
                  dtype: torch.dtype = torch.float32, device=None, gradients: bool = True,
-                 psi: bool = True, psi_dim: Optional[int] = None, product: bool = False,
+                 psi: bool = True, psi_dim: Optional[int] = None,
+                 psi_buckets: Optional[int] = None, product: bool = False,
                  mean_embedding: bool = False, meta: Optional[Dict] = None) -> None:
         m, seed, _, sparsity = ops._check_sketch_args(m, seed, 0, sparsity)
         if dtype not in (torch.float32, torch.float64):
@@ -124,7 +142,10 @@ class Representation:
         self.m, self.seed, self.sparsity = m, seed, sparsity
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        buckets = psi_sketch.default_psi_buckets(m, sparsity) if psi_buckets is None else \
+            psi_sketch.check_psi_buckets(psi_buckets, m, sparsity)
         self.options = {"gradients": gradients, "psi_dim": dim if psi_on else 0,
+                        "psi_buckets": buckets if psi_on else 0,
                         "product": check_bool(product, "product") and gradients,
                         "mean_embedding": check_bool(mean_embedding, "mean_embedding") and gradients}
         if (product or mean_embedding) and not gradients:
@@ -318,7 +339,8 @@ class Representation:
 
     def _new_layer(self, name: str, stage, feature_shapes) -> LayerStats:
         f, g = stage["f"], stage["g"]
-        dims = {"m": self.m, "df": f.shape[1], "dg": 0 if g is None else g.shape[1],
+        dims = {"m": self.m, "mp": self.options["psi_buckets"],
+                "df": f.shape[1], "dg": 0 if g is None else g.shape[1],
                 "w": 0 if g is None else self._psi_width(name, f, g)}
         shape = tuple(feature_shapes[name]) if feature_shapes and name in feature_shapes \
             else (f.shape[1],)
@@ -355,14 +377,17 @@ class Representation:
                                   **args)
         if "sketch_fg" in scattered:
             ops.countsketch_(values["sketch_fg"], scattered["sketch_fg"].to(self.dtype), **args)
-        _scatter_columns(values, scattered, "sketch_sqnorm_", self.m, args)
+        fine = self.options["psi_buckets"]
+        for buckets, keys in ((self.m, _COLUMNS_M), (fine, _COLUMNS_PSI)):
+            _scatter_columns(values, scattered, keys, buckets, args)
         # S': one bucket per row, its own seed; the control variate of the estimators.
-        _scatter_columns(values, scattered, "wide_", WIDE,
+        _scatter_columns(values, scattered, _COLUMNS_WIDE, WIDE,
                          dict(seed=estimators.diagonal_seed(self.seed), offset=offset, rows=rows))
-        if "counts" in scattered:
-            buckets, _ = ops.sketch_hash(scattered["counts"].shape[0], self.m, self.seed, offset,
-                                         self.sparsity, rows=rows, device=self.device)
-            values["counts"] += torch.bincount(buckets.reshape(-1), minlength=self.m).to(torch.float64)
+        for key, buckets in (("counts", self.m), ("psi_counts", fine)):
+            if key in scattered:
+                hashed, _ = ops.sketch_hash(scattered[key].shape[0], buckets, self.seed, offset,
+                                            self.sparsity, rows=rows, device=self.device)
+                values[key] += torch.bincount(hashed.reshape(-1), minlength=buckets).to(torch.float64)
 
     # ------------------------------------------------------------------ combining
     def merge(self, other: "Representation") -> "Representation":
@@ -488,6 +513,7 @@ class Representation:
         meta = _fileformat.parse_metadata(header, path, FORMAT_VERSION, _META_KEY)
         try:
             storage.verify_digests(tensors, meta.get("checksums") or {}, tensors)
+            _fileformat.upgrade(tensors, meta)
             return cls.from_state(tensors, meta, device=device)
         except (KeyError, TypeError, AttributeError, ValueError) as error:
             raise ValueError(f"{str(path)!r}: corrupt representation: {error}") from None

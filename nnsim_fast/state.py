@@ -13,7 +13,8 @@ Notation: ``S`` is the ``m x N`` sketch of the sample axis (see
 features and expected gradients, ``psi_i = g_i (x) f_i`` the feature map of the
 paper's kernel ``K = K_f o K_g``, and ``T_h`` (``h = 0, 1``) two independent
 TensorSketches of ``psi`` (:mod:`nnsim_fast.psi`).  Sums run over the rows seen.
-Nothing here depends on N: memory is ``O(m * (df + dg + 2w))`` per layer.
+``S_p`` is the same hash with ``mp`` (``psi_buckets``) buckets, the resolution of the psi
+halves.  Nothing here depends on N: memory is ``O(m * (df + dg) + 2 mp w)`` per layer.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ GROUPS = ("features", "gradients", "psi", "product", "mean_embedding")
 class Stat:
     name: str
     group: str                 # the option (GROUPS) that enables it
-    shape: Tuple[str, ...]     # symbolic: "m", "df", "dg", "w" (psi width), "h" (= 2 halves),
-    #                            "M" (= WIDE buckets)
+    shape: Tuple[str, ...]     # symbolic: "m", "mp" (psi buckets), "df", "dg", "w" (psi width),
+    #                            "h" (= 2 halves), "M" (= WIDE buckets)
     exact: bool                # float64 exact sum (True) or sketch in the accumulator dtype
     doc: str
 
@@ -56,14 +57,19 @@ STATS: Tuple[Stat, ...] = (
     Stat("sketch_sqnorm_g", "gradients", ("m",), True, "S (|g_i|^2)_i"),
     Stat("quartic_g", "gradients", (), True, "sum_i |g_i|^4"),
     Stat("trace", "gradients", (), True, "sum_i |f_i|^2 |g_i|^2 = Tr K, K = K_f o K_g"),
-    Stat("sketch_sqnorm_psi", "gradients", ("m",), True, "S (|f_i|^2 |g_i|^2)_i (diagonal of K)"),
     Stat("quartic_psi", "gradients", (), True, "sum_i |f_i|^4 |g_i|^4 = sum_i K[i, i]^2"),
-    Stat("sketch_psi", "psi", ("h", "m", "w"), False, "S T_h(Psi), h = 0, 1"),
+    # The psi halves have their own bucket count mp (psi_buckets, a multiple of m): the same
+    # hash at a finer resolution, so the default estimator's sample-axis error is that of mp
+    # buckets while the m x d sketches of F and G stay at m (docs/estimators.md, section 6).
+    Stat("sketch_psi", "psi", ("h", "mp", "w"), False, "S_p T_h(Psi), h = 0, 1"),
     Stat("sum_psi", "psi", ("h", "w"), True, "sum_i T_h(psi_i)"),
     # Each half's own row norms: with them the half's centring is exact (the large common
     # mean's energy cancels within the half; docs/estimators.md section 8).
     Stat("sqnorm_psih", "psi", ("h",), True, "sum_i |T_h psi_i|^2"),
-    Stat("sketch_sqnorm_psih", "psi", ("h", "m"), True, "S (|T_h psi_i|^2)_i"),
+    Stat("sketch_sqnorm_psih", "psi", ("h", "mp"), True, "S_p (|T_h psi_i|^2)_i"),
+    Stat("sketch_sqnorm_psi", "psi", ("mp",), True, "S_p (|f_i|^2 |g_i|^2)_i (diagonal of K)"),
+    Stat("psi_ones", "psi", ("mp",), True, "S_p 1 (the same for every layer)"),
+    Stat("psi_counts", "psi", ("mp",), True, "rows per bucket of S_p (the same for every layer)"),
     Stat("wide_sqnorm_psih", "psi", ("h", "M"), True, "S' (|T_h psi_i|^2)_i"),
     Stat("sketch_fg", "product", ("m", "df"), False, "S (F o G)"),
     Stat("sum_fg", "product", ("df",), True, "sum_i f_i o g_i"),
@@ -120,7 +126,8 @@ class LayerStats:
               feature_shape: Tuple[int, ...] = ()) -> "LayerStats":
         values = {s.name: torch.zeros(stat_shape(s, dims), device=device,
                                       dtype=torch.float64 if s.exact else dtype) for s in stats}
-        return cls(values, {k: int(v) for k, v in dims.items() if k != "m"}, feature_shape)
+        return cls(values, {k: int(v) for k, v in dims.items() if k not in ("m", "mp")},
+                   feature_shape)
 
     def __getattr__(self, name: str):
         if name in _BY_NAME:
@@ -156,8 +163,9 @@ def zeros_like_structure(rep, structure: Mapping[str, Mapping]) -> None:
     (``{name: {"dims": {...}, "feature_shape": [...]}}``)."""
     stats = enabled_stats(rep.options)
     for name, info in structure.items():
-        rep.layers[name] = LayerStats.zeros(stats, dict(info["dims"], m=rep.m), rep.dtype,
-                                            rep.device, tuple(info["feature_shape"]))
+        dims = dict(info["dims"], m=rep.m, mp=rep.options["psi_buckets"])
+        rep.layers[name] = LayerStats.zeros(stats, dims, rep.dtype, rep.device,
+                                            tuple(info["feature_shape"]))
 
 
 # --------------------------------------------------------------------------- batches
@@ -245,6 +253,7 @@ def batch_terms(f: torch.Tensor, g: Optional[torch.Tensor], psi_rows, names: Seq
         half_norms = torch.stack(half_norms)                                         # [2, B]
         exact["sqnorm_psih"] = half_norms.sum(1)
         scattered["sketch_sqnorm_psih"] = scattered["wide_sqnorm_psih"] = half_norms
+        scattered["psi_ones"] = scattered["psi_counts"] = scattered["wide_ones"]
     return ({k: v for k, v in exact.items() if k in wanted},
             {k: v for k, v in scattered.items() if k in wanted})
 

@@ -276,7 +276,7 @@ def test_complete_checkpoint_returns_without_running_the_model(job, tmp_path):
 
 
 @pytest.mark.parametrize("changes, named", [
-    (dict(m=32, seed=6), "m, seed"),
+    (dict(m=32, seed=6), "m, psi_buckets, seed"),        # psi_buckets follows m by default
     (dict(layers=["fc1"]), "layers"),
     (dict(dtype=torch.float32), "dtype"),
     (dict(beta=0.25), "beta"),

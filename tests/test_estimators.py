@@ -591,7 +591,10 @@ def test_a_streamed_representation_gives_the_all_rows_gram(kind, sparsity):
     if rows is None:
         rows = psi.tensor_sketch_halves(f, g, 16, 3)
         assert got.halves == 2
-    want = est.gram_from_rows(rows, m, 3, sparsity)
+    # The psi halves have their own bucket count (psi_buckets, 4 m by default).
+    buckets = rep.options["psi_buckets"] if kind == "hadamard" else m
+    assert buckets == (4 * m if kind == "hadamard" else m)
+    want = est.gram_from_rows(rows, buckets, 3, sparsity)
     assert got.counts is not None and got.wide_deviation is not None
     for name in ("kernels", "deviation", "trace", "ones", "counts", "norm_deviation",
                  "wide_deviation"):

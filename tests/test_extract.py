@@ -1084,7 +1084,7 @@ def test_features_only_runs_no_backward_and_keeps_no_graph():
     rep = sketch_model(model, batches(x, y, 4), layers=names, m=16, seed=2, gradients=False,
                        dtype=torch.float64)
     assert model.grad_modes == [False, False, False]
-    assert rep.options == {"gradients": False, "psi_dim": 0, "product": False,
+    assert rep.options == {"gradients": False, "psi_dim": 0, "psi_buckets": 0, "product": False,
                            "mean_embedding": False}
     assert rep.meta["beta"] is None and rep.meta["target"] is None
     S = dense_sketch(10, 16, 2)

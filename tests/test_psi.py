@@ -117,22 +117,27 @@ def batches(x: torch.Tensor, sizes: Sequence[int]) -> List[torch.Tensor]:
 
 @pytest.mark.parametrize("sparsity", [1, 2])
 def test_exact_psi_kernel_is_S_K_St(sparsity):
-    """When df * dg fits the width both halves hold S Psi exactly (psi = vec(g f^T))."""
+    """When df * dg fits the width both halves hold S_p Psi exactly (psi = vec(g f^T)), with
+    S_p the sketch of psi_buckets buckets (4 m by default) and the other kinds at m."""
     x, model, _, ref, _ = problem()
     m, seed = 8, 5
     rep = sketch_model(model, batches(x, [10, 15, 12]), layers=list(LAYERS), m=m, seed=seed,
                        sparsity=sparsity, dtype=F64, psi=True)
+    mp = rep.options["psi_buckets"]
+    assert mp == 4 * m
     S = ops.sketch_matrix(x.shape[0], m, seed, sparsity=sparsity)
+    S_p = ops.sketch_matrix(x.shape[0], mp, seed, sparsity=sparsity)
     for name in LAYERS:
         f, g = ref[name]
         width = f.shape[1] * g.shape[1]
-        assert rep.layers[name].sketch_psi.shape == (2, m, width)   # exact mode, two halves
+        assert rep.layers[name].sketch_psi.shape == (2, mp, width)   # exact mode, two halves
         exact_psi = (g.unsqueeze(2) * f.unsqueeze(1)).reshape(-1, width)
         for half in (0, 1):
-            torch.testing.assert_close(rep.layers[name].sketch_psi[half], S @ exact_psi,
+            torch.testing.assert_close(rep.layers[name].sketch_psi[half], S_p @ exact_psi,
                                        rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(rep.kernel(name, kind="psi"), S_p @ exact_kernel(f, g) @ S_p.T,
+                                   rtol=1e-10, atol=1e-12)
         expected = S @ exact_kernel(f, g) @ S.T
-        torch.testing.assert_close(rep.kernel(name, kind="psi"), expected, rtol=1e-10, atol=1e-12)
         # Algorithm 1 is a different estimator: (S K_f S^T) o (S K_g S^T), not S K S^T
         algorithm_1 = (S @ f @ f.T @ S.T) * (S @ g @ g.T @ S.T)
         hadamard = rep.kernel(name, kind="hadamard")
@@ -144,14 +149,14 @@ def test_psi_data_centering_is_S_HKH_St():
     x, model, _, ref, _ = problem()
     m, seed = 8, 9
     rep = sketch_model(model, batches(x, [20, 17]), layers=list(LAYERS), m=m, seed=seed,
-                       dtype=F64, psi=True)
-    S = ops.sketch_matrix(x.shape[0], m, seed)
+                       dtype=F64, psi=True, psi_buckets=12)
+    S = ops.sketch_matrix(x.shape[0], 12, seed)
     for name in LAYERS:
         expected = S @ center_data(exact_kernel(*ref[name])) @ S.T
         torch.testing.assert_close(rep.kernel(name, kind="psi", centering="data"), expected,
                                    rtol=1e-10, atol=1e-12)
-        # bucket centring is the m x m double centring of the uncentred sketch
-        H = torch.eye(m, dtype=F64) - 1.0 / m
+        # bucket centring is the double centring of the uncentred sketch, psi_buckets wide
+        H = torch.eye(12, dtype=F64) - 1.0 / 12
         torch.testing.assert_close(rep.kernel(name, kind="psi", centering="buckets"),
                                    H @ S @ exact_kernel(*ref[name]) @ S.T @ H,
                                    rtol=1e-10, atol=1e-12)
@@ -166,7 +171,7 @@ def test_similarity_with_kind_psi_is_the_cka_of_sketched_centred_kernels():
                                           centering="data")
     assert (names_a, names_b) == (list(LAYERS), list(LAYERS))
     assert matrix.shape == (3, 3) and matrix.dtype == F64
-    S = ops.sketch_matrix(x.shape[0], m, seed)
+    S = ops.sketch_matrix(x.shape[0], reps[0].options["psi_buckets"], seed)
     for i, la in enumerate(LAYERS):
         Ka = S @ center_data(exact_kernel(*ref_a[la])) @ S.T
         for j, lb in enumerate(LAYERS):
@@ -221,7 +226,7 @@ def test_save_load_and_merge_keep_sketch_psi(tmp_path):
             for centering in ("none", "data"):
                 torch.testing.assert_close(loaded.kernel(name, "psi", centering),
                                            rep.kernel(name, "psi", centering), rtol=0, atol=0)
-    assert ts.layers["2"].sketch_psi.shape == (2, m, 8)
+    assert ts.layers["2"].sketch_psi.shape == (2, ts.options["psi_buckets"], 8)
     # the exact sums are the sums of psi_i = vec(g_i f_i^T), g-major, in both halves
     f, g = ref["2"]
     expected_sum = (g.unsqueeze(2) * f.unsqueeze(1)).sum(0).reshape(-1)
@@ -257,7 +262,7 @@ def test_tensorsketch_psi_kernel_approaches_S_K_St_as_psi_dim_grows():
             if seed not in reference:
                 S = ops.sketch_matrix(40, m, seed)
                 reference[seed] = S @ K @ S.T
-            rep = Representation(m, seed, dtype=F64, psi_dim=width)
+            rep = Representation(m, seed, dtype=F64, psi_dim=width, psi_buckets=m)
             rep.update({"l": f}, {"l": g})
             assert rep.layers["l"].sketch_psi.shape == (2, m, width)
             ref = reference[seed]
@@ -279,9 +284,9 @@ def test_tensorsketch_representation_streams_in_chunks(keyed):
     the dense reference S T_h(Psi) (T_h from psi.tensor_sketch_halves) whatever the
     chunking and order, and sum_psi holds sum_i T_h(psi_i)."""
     f, g = random_rows(23, 5, 4, seed=4)
-    m, seed, width = 8, 6, 12
-    S = ops.sketch_matrix(23, m, seed)
-    rep = Representation(m, seed, dtype=F64, psi_dim=width)
+    m, seed, width, mp = 8, 6, 12, 20
+    S = ops.sketch_matrix(23, mp, seed)
+    rep = Representation(m, seed, dtype=F64, psi_dim=width, psi_buckets=mp)
     order = torch.randperm(23, generator=torch.Generator().manual_seed(0)) if keyed \
         else torch.arange(23)
     for chunk in order.split(10):

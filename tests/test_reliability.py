@@ -139,9 +139,12 @@ def test_layers_with_different_feature_and_gradient_widths_match_dense():
     torch.testing.assert_close(layer.sketch_f, S @ f)
     torch.testing.assert_close(layer.sketch_g, S @ g)
     psi = (g.unsqueeze(2) * f.unsqueeze(1)).reshape(40, -1)     # 14 <= psi width: exact
+    S_p = ops.sketch_matrix(40, rep.options["psi_buckets"], 5)  # the halves' own buckets
     for half in range(2):
-        torch.testing.assert_close(layer.sketch_psi[half], S @ psi)
-    torch.testing.assert_close(layer.sketch_sqnorm_psi, S @ (psi.square().sum(1)))
+        torch.testing.assert_close(layer.sketch_psi[half], S_p @ psi)
+    torch.testing.assert_close(layer.sketch_sqnorm_psi, S_p @ (psi.square().sum(1)))
+    torch.testing.assert_close(layer.psi_ones, S_p.sum(1))
+    torch.testing.assert_close(layer.psi_counts, (S_p != 0).sum(1).to(torch.float64))
     torch.testing.assert_close(layer.quartic_psi, psi.square().sum(1).square().sum())
 
 
@@ -348,4 +351,39 @@ def test_load_names_the_actual_problem(tmp_path, monkeypatch):
 
 
 def test_format_version_is_current():
-    assert FORMAT_VERSION == 2
+    assert FORMAT_VERSION == 3
+
+
+def _format_2_file(path, rep: Representation) -> None:
+    """``rep`` written as format 2 wrote it: no psi_buckets (the halves at m buckets), no
+    per-layer S_p 1 and bucket loads, the sketched diagonal of K kept with the gradients."""
+    tensors, meta = rep.state()
+    psi_on = bool(rep.options["psi_dim"])
+    assert rep.options["psi_buckets"] == (rep.m if psi_on else 0)
+    del meta["options"]["psi_buckets"]
+    meta["format"] = 2
+    for key in [k for k in tensors if k.endswith((".psi_ones", ".psi_counts"))]:
+        del tensors[key]
+    if not psi_on:
+        for name, info in meta["layers"].items():
+            tensors[f"layer{info['index']}.sketch_sqnorm_psi"] = torch.zeros(rep.m, dtype=torch.float64)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    meta["checksums"] = {k: storage.digest(v) for k, v in tensors.items()}
+    storage.write_tensors(path, tensors, {"nnsim_fast": json.dumps(meta)})
+
+
+@pytest.mark.parametrize("psi", [True, False])
+def test_format_2_files_still_load(tmp_path, psi):
+    """A file of the previous format (psi halves at the m buckets of S) loads as a
+    representation with psi_buckets = m whose kernels and estimates equal the original's."""
+    rep = filled(psi=psi, psi_buckets=16) if psi else filled(psi=False)
+    path = tmp_path / "old.safetensors"
+    _format_2_file(path, rep)
+    loaded = Representation.load(path)
+    assert loaded.options == rep.options
+    assert_same_representation(loaded, rep, rtol=0, atol=0)
+    kind = "hadamard" if psi else "feature"
+    torch.testing.assert_close(loaded.grams(None, kind).kernels, rep.grams(None, kind).kernels,
+                               rtol=0, atol=0)
+    loaded.save(tmp_path / "new.safetensors")           # and is written back in the new format
+    assert Representation.load(tmp_path / "new.safetensors").options == rep.options

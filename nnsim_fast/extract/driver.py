@@ -162,7 +162,7 @@ def sketch_model(model: nn.Module, data, layers: Optional[Sequence[str]] = None,
                  tokens: str = "mean", gradients: bool = True,
                  dtype: torch.dtype = torch.float32, device=None, product: bool = False,
                  mean_embedding: bool = False, psi: bool = True, psi_dim: Optional[int] = None,
-                 max_batches: Optional[int] = None, progress: Optional[bool] = None,
+                 psi_buckets: Optional[int] = None, max_batches: Optional[int] = None, progress: Optional[bool] = None,
                  into: Optional[Representation] = None, distributed: bool = False, group=None,
                  checkpoint: Optional[Union[str, os.PathLike]] = None,
                  checkpoint_every: Optional[int] = None) -> Representation:
@@ -186,7 +186,7 @@ def sketch_model(model: nn.Module, data, layers: Optional[Sequence[str]] = None,
             compare models sketched with the same three.
         dtype, device: accumulator precision (float32 or float64) and place
             (default: the model's device).
-        psi, psi_dim, product, mean_embedding: which statistics to keep (see
+        psi, psi_dim, psi_buckets, product, mean_embedding: which statistics to keep (see
             :class:`~nnsim_fast.sketch.Representation`); ``psi`` (the default
             estimator's TensorSketch halves of ``psi = g f^T``) is on by default.
         max_batches: stop after this many batches.
@@ -217,7 +217,7 @@ def sketch_model(model: nn.Module, data, layers: Optional[Sequence[str]] = None,
         limit = check_optional_int(max_batches, "max_batches", 1)
         rep = _representation(model, extraction, into, device, dict(
             m=m, seed=seed, sparsity=sparsity, dtype=dtype, psi=psi, psi_dim=psi_dim,
-            product=product, mean_embedding=mean_embedding))
+            psi_buckets=psi_buckets, product=product, mean_embedding=mean_embedding))
         plan = DistributedPlan.build(data, group) if check_bool(distributed, "distributed") else None
         saver = Checkpointer.build(checkpoint, checkpoint_every, into=into,
                                    suffix=plan.suffix if plan else "",
