@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -225,6 +226,33 @@ def test_version_and_help(capsys):
     assert code == 0 and "--weights" in out
 
 
+def test_compare_default_estimator_with_psi_buckets_matches_the_library(workdir, capsys):
+    """--psi-buckets reaches the representations: the CLI's default (collision-corrected,
+    kind hadamard) matrix equals the library's on representations sketched with it."""
+    m, buckets, seed = 8, 24, 3
+    out = workdir.path / "out_psi"
+    code, _, err = run(capsys, "compare", "--model", f"{workdir.module}:tiny",
+                       "--weights", *workdir.weights, "--data", "data.pt", "--layers", *LAYERS,
+                       "--m", m, "--psi-buckets", buckets, "--seed", seed, "--dtype", "float64",
+                       "--out", out, "--no-progress", "--no-plots")
+    assert code == 0, err
+    result = json.loads((out / "similarity.json").read_text())
+    assert result["m"] == m and result["psi_buckets"] == buckets
+    reps = []
+    for weights in workdir.weights:
+        model = workdir.Tiny()
+        model.load_state_dict(torch.load(weights))
+        reps.append(nnsim_fast.sketch_model(model, [workdir.x], layers=LAYERS, m=m, seed=seed,
+                                            psi_buckets=buckets, dtype=torch.float64,
+                                            progress=False))
+        assert reps[-1].layers[LAYERS[0]].sketch_psi.shape[1] == buckets
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected, _, _ = nnsim_fast.similarity(reps[0], reps[1])
+    np.testing.assert_allclose(np.array(result["pairs"][0]["matrix"]), expected.numpy(),
+                               rtol=1e-9, atol=1e-9)
+
+
 def test_missing_or_unknown_command(capsys):
     expect_usage_error(capsys, match="a command is required")
     expect_usage_error(capsys, "frobnicate", match="invalid choice")
@@ -251,6 +279,7 @@ def base_args(workdir, **overrides):
     ({"--model": "surely_not_a_module_xyz:f"}, "cannot import 'surely_not_a_module_xyz'"),
     ({"--m": "0"}, "positive integer"),
     ({"--m": "many"}, "positive integer"),
+    ({"--psi-buckets": "0"}, "positive integer"),
     ({"--index": "cosine"}, "invalid choice"),
     ({"--kind": "weird"}, "invalid choice"),
     ({"--beta": "1.5"}, "(0, 1]"),

@@ -148,6 +148,9 @@ def _add_compare_sketch(compare: argparse.ArgumentParser) -> None:
                          help="inputs: a tensor [N, ...], a tuple (x, y) or a dict with 'x' and "
                               "optional 'y', saved with torch.save (or .safetensors with x, y)")
     compare.add_argument("--m", type=_positive_int, default=512, help="sketch buckets (512)")
+    compare.add_argument("--psi-buckets", type=_positive_int, default=None, metavar="M",
+                         help="buckets of the psi halves that the default estimator of "
+                              "--kind hadamard reads (default: 4 m up to 2048, never below m)")
     compare.add_argument("--seed", type=_non_negative_int, default=0, help="sketch seed (0)")
     compare.add_argument("--beta", type=_beta, default=0.5,
                          help="temperature of the predictive for expected gradients (0.5)")

@@ -195,7 +195,8 @@ def sketch_job(job: ModelJob, build: Callable[[], Any], work: Plan, args):
     extra = {"khatri_rao": {"product": True}, "psi": {"psi": True}}.get(args.kind, {})
     try:
         return sketch_model(model, _batches(work.x, work.y, args.batch_size), layers=layers,
-                            m=args.m, seed=args.seed, beta=args.beta, target=args.target,
+                            m=args.m, psi_buckets=args.psi_buckets, seed=args.seed,
+                            beta=args.beta, target=args.target,
                             spatial=args.spatial, dtype=getattr(torch, args.dtype),
                             progress=False if args.no_progress else None, **extra)
     except (RuntimeError, ValueError, TypeError, IndexError, FloatingPointError) as error:
@@ -333,8 +334,10 @@ def print_summary(results: Dict[str, Any], out: str, figures: Sequence[str]) -> 
 
 
 def _settings(args, work: Plan) -> Dict[str, Any]:
+    from ..psi import default_psi_buckets
     return {"index": args.index, "kind": args.kind, **effective_options(work.options),
-            "m": args.m, "seed": args.seed, "beta": args.beta, "target": args.target,
+            "m": args.m, "psi_buckets": args.psi_buckets or default_psi_buckets(args.m),
+            "seed": args.seed, "beta": args.beta, "target": args.target,
             "spatial": args.spatial, "n": int(work.x.shape[0]),
             "models": [{"label": job.label, "model": job.spec, "weights": job.weights}
                        for job in work.jobs]}
