@@ -12,7 +12,8 @@ features and expected gradients of N generated images through the four checkpoin
 of ``benchmarks/accuracy.py`` (every layer pair of every model pair) over ``--seeds`` sketch
 seeds and prints the CKA of ``K_f o K_g`` against the exact value over all N x N pairs
 (float64): largest |error|, pooled and largest seed-to-seed sd, mean signed error, entries off by
-more than 0.03, and the halves' memory per layer.
+more than 0.03, the halves' memory per layer, and the median time of one estimate (the Grams
+and CKA of every layer pair of the four models, at comparison time).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -44,9 +45,11 @@ def parse_config(text: str) -> Tuple[int, int]:
     return buckets, width
 
 
-def estimates(rows: Dict[str, tuple], n: int, buckets: int, width: int, seeds: int) -> List[np.ndarray]:
+def estimates(rows: Dict[str, tuple], n: int, buckets: int, width: int, seeds: int,
+              seconds: Optional[List[float]] = None) -> List[np.ndarray]:
     """The default CKA matrix of every layer pair, one per seed (m stays at its default 512
-    unless the halves have fewer buckets; the estimator reads only the halves)."""
+    unless the halves have fewer buckets; the estimator reads only the halves).  The time of
+    each estimate (Grams and CKA of every layer pair, not the sketching) goes to ``seconds``."""
     names, out = list(rows), []
     for seed in range(seeds):
         rep = Representation(min(512, buckets), seed, beta=accuracy.BETA, psi_dim=width,
@@ -54,7 +57,10 @@ def estimates(rows: Dict[str, tuple], n: int, buckets: int, width: int, seeds: i
         for low in range(0, n, 500):
             rep.update({k: f[low:low + 500] for k, (f, _) in rows.items()},
                        {k: g[low:low + 500] for k, (_, g) in rows.items()})
+        start = time.perf_counter()
         out.append(estimators.cka_matrix(rep.grams(names, "hadamard"))[0].numpy())
+        if seconds is not None:
+            seconds.append(time.perf_counter() - start)
     return out
 
 
@@ -85,14 +91,18 @@ def main(argv=None) -> Dict[str, object]:
     print(f"\n{network.title}, N = {args.n}, {args.seeds} seeds, {int(cross.sum())} ordered layer "
           "pairs across models; CKA of K_f o K_g against exact")
     print(f"{'buckets x width':>16s} {'MiB/layer':>9s} {'max|err|':>9s} {'pooled sd':>10s} "
-          f"{'max sd':>8s} {'mean err':>9s} {'>0.03':>6s}")
+          f"{'max sd':>8s} {'mean err':>9s} {'>0.03':>6s} {'estimate s':>10s}")
     for buckets, width in args.configs:
-        s = control_variate.summary(estimates(rows, args.n, buckets, width, args.seeds), exact, cross)
+        seconds: List[float] = []
+        s = control_variate.summary(estimates(rows, args.n, buckets, width, args.seeds, seconds),
+                                    exact, cross)
         s["halves_mib_per_layer"] = 2 * buckets * width * 4 / 2 ** 20
+        s["estimate_seconds"] = float(np.median(seconds))
         out["results"][f"{buckets}x{width}"] = s
         print(f"{f'{buckets} x {width}':>16s} {s['halves_mib_per_layer']:9.1f} "
               f"{s['max_abs_error']:9.4f} {s['pooled_sd']:10.4f} {s['max_sd']:8.4f} "
-              f"{s['mean_error']:+9.5f} {s['entries_over_0.03']:6d}", flush=True)
+              f"{s['mean_error']:+9.5f} {s['entries_over_0.03']:6d} {s['estimate_seconds']:10.1f}",
+              flush=True)
     out["seconds"] = round(time.perf_counter() - start, 1)
     if args.json:
         with open(args.json, "w") as handle:

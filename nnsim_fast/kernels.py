@@ -14,7 +14,9 @@ a layer (``m x d``), the kinds are:
                   two independent TensorSketches ``T_h`` of ``psi(x) = g (x) f`` (exact
                   ``psi`` when ``df * dg`` fits the width): each term is unbiased for
                   ``S K S^T`` with ``K = K_f o K_g`` -- the estimator the paper's
-                  bounds cover (kept unless ``psi=False``)
+                  bounds cover (kept unless ``psi=False``).  The halves have their
+                  own buckets (``psi_buckets``, 4 m up to 2048 by default), so this
+                  kernel is ``psi_buckets x psi_buckets``
 ``"transport"``   ``(I/2 + T/2) K~_f (I/2 + T/2)`` with
                   ``T = K~_f^{-1/2} (K~_f^{1/2} K~_g K~_f^{1/2})^{1/2} K~_f^{-1/2}``
                   (pseudo-inverse square roots on the numerical range of ``K~_f``)

@@ -53,6 +53,6 @@ def test_quick_run_writes_every_configuration(tmp_path):
     for key, entry in data["results"].items():
         buckets, width = map(int, key.split("x"))
         assert entry["halves_mib_per_layer"] == 2 * buckets * width * 4 / 2 ** 20
-        assert entry["entries"] == cross * data["seeds"]
+        assert entry["entries"] == cross * data["seeds"] and entry["estimate_seconds"] > 0
         assert 0.0 <= entry["pooled_sd"] <= entry["max_sd"]
         assert abs(entry["mean_error"]) <= entry["max_abs_error"] <= 2.0

@@ -365,7 +365,7 @@ def _format_2_file(path, rep: Representation) -> None:
     for key in [k for k in tensors if k.endswith((".psi_ones", ".psi_counts"))]:
         del tensors[key]
     if not psi_on:
-        for name, info in meta["layers"].items():
+        for info in meta["layers"].values():
             tensors[f"layer{info['index']}.sketch_sqnorm_psi"] = torch.zeros(rep.m, dtype=torch.float64)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     meta["checksums"] = {k: storage.digest(v) for k, v in tensors.items()}
