@@ -199,14 +199,16 @@ def _kernel_estimate(rep_a, rep_b, names_a, names_b, index, kind, debiased, cent
 def _sketch_estimate(rep_a, rep_b, names_a, names_b, index, kind, debiased):
     grams_a = rep_a.grams(names_a, kind)
     grams_b = grams_a if rep_b is rep_a and names_b == names_a else rep_b.grams(names_b, kind)
+    # The psi halves (kind "hadamard" / "psi") have their own buckets, psi_buckets.
+    option = "psi_buckets" if kind in ("hadamard", "psi") else "m"
+    buckets = int(grams_a.ones.shape[-1])
     if index == "nbs":
         if debiased:
             raise ValueError("debiased=True applies to index='cka' only")
-        return estimators.nbs_matrix(grams_a, grams_b), None, _nbs_notes(grams_a, grams_b, rep_a.m)
+        return (estimators.nbs_matrix(grams_a, grams_b), None,
+                _nbs_notes(grams_a, grams_b, buckets, option))
     matrix, error = estimators.cka_matrix(grams_a, grams_b, debiased=debiased)
-    # The psi halves (kind "hadamard" / "psi") have their own buckets, psi_buckets.
-    option = "psi_buckets" if kind in ("hadamard", "psi") else "m"
-    notes = _resolution_notes(error, names_a, names_b, int(grams_a.ones.shape[-1]), option)
+    notes = _resolution_notes(error, names_a, names_b, buckets, option)
     return matrix, error, notes
 
 
@@ -228,11 +230,12 @@ def _resolution_notes(error: torch.Tensor, names_a, names_b, m: int, option: str
     return [note]
 
 
-def _nbs_notes(grams_a, grams_b, m: int) -> List[str]:
+def _nbs_notes(grams_a, grams_b, m: int, option: str = "m") -> List[str]:
     ranks = torch.cat([estimators.effective_rank(grams_a), estimators.effective_rank(grams_b)])
     if not bool((ranks > m).any()):
         return []
-    note = (f"NBS from sketches is biased upwards when a layer's effective rank exceeds m={m} "
+    note = (f"NBS from sketches is biased upwards when a layer's effective rank exceeds "
+            f"{option}={m} "
             f"(largest here: {float(ranks.max()):.0f}); prefer index='cka', or check NBS with "
             "estimator='exact' on a subset")
     warnings.warn(note, ResolutionWarning, stacklevel=4)

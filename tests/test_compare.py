@@ -451,3 +451,25 @@ def test_resolution_warning_names_a_sketch_size_that_suffices():
     assert worst > estimators.RESOLUTION_TOLERANCE and suggested > m
     message = str(caught[0].message)
     assert f"sketch with m={suggested} " in message and f"{worst:.3g}" in message
+
+
+def test_resolution_warning_for_the_default_kind_names_psi_buckets():
+    """kind="hadamard" reads the psi halves, so the warning is about their buckets: it names
+    psi_buckets (not m) and the value suggested_m derives from the halves' bucket count."""
+    gen = torch.Generator().manual_seed(4)
+    n, buckets = 1000, 32
+    base = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    feats = {"a": base @ torch.randn(2, 6, generator=gen, dtype=torch.float64),
+             "b": torch.cat([base[:, :1], torch.randn(n, 1, generator=gen, dtype=torch.float64)], 1)}
+    grads = {name: 1.0 + 0.01 * torch.randn(n, 1, generator=gen, dtype=torch.float64)
+             for name in feats}
+    rep = Representation(8, 0, dtype=torch.float64, psi_buckets=buckets)
+    rep.update(feats, grads)
+    with pytest.warns(ResolutionWarning) as caught:
+        result = similarity(rep, rep)
+    worst = float(result.error.max())
+    suggested = estimators.suggested_m(worst, buckets)
+    assert worst > estimators.RESOLUTION_TOLERANCE and suggested > buckets
+    message = str(caught[0].message)
+    assert message.startswith(f"psi_buckets={buckets} is too small")
+    assert f"sketch with psi_buckets={suggested} " in message and f"{worst:.3g}" in message
