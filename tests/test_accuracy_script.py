@@ -224,3 +224,20 @@ def test_blocks_pick_each_model_pair_in_order():
     np.testing.assert_array_equal(picked[0], matrix[0:2, 2:4])      # models 0 and 1
     np.testing.assert_array_equal(picked[2], matrix[2:4, 4:6])      # models 1 and 2
     np.testing.assert_array_equal(bench.matched(matrix, 3, 2)[1], [matrix[0, 4], matrix[1, 5]])
+
+
+def test_verdict_counts_only_flips_beyond_the_tolerance():
+    """Close couples (exact gap <= tolerance) swapped are ties; a wider swap or an error above
+    the tolerance fails the target."""
+    def results(max_abs, strict, beyond):
+        order = {"preserved": strict, "preserved_beyond_tolerance": beyond, "flips": 0 if strict else 2,
+                 "largest_flipped_gap": 0.0 if strict else 0.005}
+        entry = {"vs_target": {"max_abs": max_abs}, "order": order}
+        return {"target_m": 512, "networks": {"net": {"sizes": {"100": {
+            "results": {bench.DEFAULT_KEY: {"512": entry}}}}}}}
+    tol = bench.TOLERANCE
+    assert bench.verdict(results(tol / 2, True, True))["met"]
+    close = bench.verdict(results(tol / 2, False, True))
+    assert close["met"] and close["rows"][0]["strict_flips"] == 2
+    assert not bench.verdict(results(tol / 2, False, False))["met"]
+    assert not bench.verdict(results(tol * 1.5, True, True))["met"]
