@@ -146,8 +146,10 @@ def _drop_mean_embedding(rep) -> None:
 
 def _sketch_extras(settings: DemoSettings) -> Dict[str, Any]:
     # The default statistics (psi included) serve both the estimators and the unbiased
-    # Frobenius factor of the mean-embedding ratios.
-    return {}
+    # Frobenius factor of the mean-embedding ratios.  The demo holds every model's float64
+    # representation at once (15 of them, 4 blocks each), so its psi halves keep m buckets:
+    # at the library's default 4 m they alone would take 8 GiB; docs/demo.md says so.
+    return {"psi_buckets": settings.m}
 
 
 def sketch_models(models: Sequence[DemoModel], tasks: Dict[str, Task], layers: List[str],
