@@ -9,13 +9,13 @@ from ._version import __version__  # noqa: F401  (re-exported)
 
 from . import ops
 from .compare import mean_embedding_norm, similarity, similarity_matrix
-from .extract import IndexedDataset, sketch_model
+from .extract import IndexedDataset, compare_models, sketch_model
 from .indices import cka, linear_cka, nbs
 from .ops import countsketch, countsketch_pair, countsketch_pair_, hadamard_gram, sketch_hash
 from .sketch import Representation
 
 __all__ = [
-    "IndexedDataset", "Representation", "cka", "countsketch", "countsketch_pair", "countsketch_pair_",
-    "hadamard_gram", "linear_cka", "mean_embedding_norm", "nbs", "ops", "similarity",
+    "IndexedDataset", "Representation", "cka", "compare_models", "countsketch", "countsketch_pair",
+    "countsketch_pair_", "hadamard_gram", "linear_cka", "mean_embedding_norm", "nbs", "ops", "similarity",
     "similarity_matrix", "sketch_hash", "sketch_model",
 ]

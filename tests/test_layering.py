@@ -20,7 +20,7 @@ LAYERS = {
     "ops": 1,
     "psi": 2, "storage": 2,
     "state": 3,
-    "indices": 4, "estimators": 5,
+    "indices": 4, "estimators": 5, "pairs": 5,
     "kernels": 6,
     "_fileformat": 7, "_distributed": 7, "sketch": 7,
     "exact": 8,

@@ -38,7 +38,7 @@ class _NoBar:
         pass
 
 
-def _progress_bar(data, progress: Optional[bool]):
+def _progress_bar(data, progress: Optional[bool], desc: str = "sketching"):
     if progress is None:
         progress = sys.stderr.isatty()
     if not check_bool(progress, "progress"):
@@ -53,7 +53,7 @@ def _progress_bar(data, progress: Optional[bool]):
         except TypeError:
             continue
     from tqdm.auto import tqdm
-    return tqdm(total=total, unit=" samples", unit_scale=True, desc="sketching",
+    return tqdm(total=total, unit=" samples", unit_scale=True, desc=desc,
                 dynamic_ncols=True)
 
 
