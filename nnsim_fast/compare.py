@@ -84,6 +84,9 @@ def _pick_estimator(estimator: Optional[str], reps: Sequence) -> str:
     exact = [_is_exact(rep) for rep in reps]
     if estimator is None:
         estimator = "exact" if all(exact) else "sketch"
+    if estimator == "joint":
+        raise ValueError("estimator='joint' runs both models over the same batches and keeps no "
+                         "representation: call nnsim_fast.compare_models(model_a, model_b, data)")
     check_choice(estimator, "estimator", ESTIMATORS)
     if (estimator == "exact") != all(exact) or any(exact) != all(exact):
         raise TypeError(f"estimator={estimator!r} needs "

@@ -26,6 +26,11 @@ FEATURE_KINDS = ("feature",)
 #: ``"exact"``   all N x N pairs in float64 (needs exact representations).
 ESTIMATORS = ("sketch", "plugin", "paper", "exact")
 
+#: ``nnsim-fast compare --estimator`` also takes ``"joint"``: both models run over the
+#: same batches and CKA comes from the exact within-block kernel entries
+#: (:func:`nnsim_fast.compare_models`; no representation is kept).
+COMPARE_ESTIMATORS = ESTIMATORS + ("joint",)
+
 #: Centring of an ``m x m`` sketched kernel (``Representation.kernel(centering=...)``).
 CENTERINGS = ("none", "buckets", "data")
 

@@ -253,6 +253,30 @@ def test_compare_default_estimator_with_psi_buckets_matches_the_library(workdir,
                                rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("debiased", [False, True])
+def test_compare_joint_one_block_is_the_exact_value(workdir, capsys, debiased):
+    """--estimator joint with every input in one batch: the exact CKA over all N x N pairs,
+    computed here by the exact path on the same models, and zero error bars."""
+    out = workdir.path / f"joint{int(debiased)}"
+    code, _, err = run(capsys, "compare", "--model", f"{workdir.module}:tiny",
+                       "--weights", *workdir.weights, "--data", "data.pt", "--layers", *LAYERS,
+                       "--estimator", "joint", "--batch-size", 40, "--out", out, "--no-progress",
+                       "--no-plots", *(["--debiased"] if debiased else []))
+    assert code == 0, err
+    result = json.loads((out / "similarity.json").read_text())
+    assert result["estimator"] == "joint" and "m" not in result
+    reps = []
+    for weights in workdir.weights:
+        model = workdir.Tiny()
+        model.load_state_dict(torch.load(weights))
+        reps.append(nnsim_fast.extract.exact_model(model, [workdir.x], layers=LAYERS,
+                                                   progress=False))
+    expected = nnsim_fast.similarity(reps[0], reps[1], debiased=debiased).matrix
+    np.testing.assert_allclose(np.array(result["pairs"][0]["matrix"]), expected.numpy(),
+                               rtol=1e-4, atol=1e-5)
+    assert np.array(result["pairs"][0]["error"]).max() == 0
+
+
 def test_missing_or_unknown_command(capsys):
     expect_usage_error(capsys, match="a command is required")
     expect_usage_error(capsys, "frobnicate", match="invalid choice")
@@ -288,6 +312,8 @@ def base_args(workdir, **overrides):
     ({"--model-kwargs": "[1, 2]"}, "JSON object"),
     ({"--layers": ["fc1", "fc9"]}, "'fc9' is not a module"),
     ({"--device": "nonsense"}, "--device"),
+    ({"--estimator": "joint", "--index": "nbs"}, "CKA only"),
+    ({"--estimator": "joint", "--kind": "transport"}, "transport kernel"),
 ])
 def test_compare_argument_errors(workdir, capsys, overrides, match):
     expect_usage_error(capsys, *base_args(workdir, **overrides), match=match)

@@ -172,9 +172,12 @@ def _add_compare_index(compare: argparse.ArgumentParser) -> None:
                          help="similarity index (default cka)")
     compare.add_argument("--kind", choices=options.KINDS, default="hadamard",
                          help="kernel: hadamard = features o gradients (the paper, default)")
-    compare.add_argument("--estimator", choices=options.ESTIMATORS, default=None,
-                         help="how the index is estimated (default: the library's); the error "
-                              "bar of each value is printed when the estimator gives one")
+    compare.add_argument("--estimator", choices=options.COMPARE_ESTIMATORS, default=None,
+                         help="how the index is estimated (default: the library's sketch); "
+                              "joint: both models of a pair run over the same shuffled batches "
+                              "and CKA comes from exact within-block kernel entries (the most "
+                              "accurate; CKA only, no sketch kept); the error bar of each value "
+                              "is printed when the estimator gives one")
     compare.add_argument("--debiased", action="store_true",
                          help="debiased HSIC (U-statistic) in the index")
     compare.add_argument("--centering", choices=options.CENTERINGS, default=None,

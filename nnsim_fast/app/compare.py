@@ -136,9 +136,21 @@ class Plan:
     options: Dict[str, Any]
 
 
+def _check_joint(args: argparse.Namespace) -> None:
+    if args.estimator != "joint":
+        return
+    if args.index != "cka":
+        raise UsageError("--estimator joint gives CKA only (NBS needs the kernels' spectra): "
+                         "drop --index nbs or use another estimator")
+    if args.kind == "transport":
+        raise UsageError("--estimator joint cannot form the transport kernel (it needs the whole "
+                         "N x N kernel); choose another --kind or estimator")
+
+
 def plan(args: argparse.Namespace) -> Plan:
     """Check every argument in the order that costs least, and import no user code."""
     jobs = model_jobs(args)
+    _check_joint(args)
     options = similarity_options(args.estimator, args.debiased, args.centering)
     inputs.prepare_output_dir(args.out)
     x, y = inputs.load_data(args.data)
@@ -205,16 +217,50 @@ def sketch_job(job: ModelJob, build: Callable[[], Any], work: Plan, args):
                          f"{one_line(error)}") from None
 
 
-def sketch_all(work: Plan, args) -> List[Any]:
-    """One representation per model; each factory is imported once, after every check."""
+def _factories(work: Plan) -> List[Callable[[], Any]]:
+    """Each job's model factory; each one is imported once, after every check."""
     factories: Dict[Tuple[str, str], Callable[[], Any]] = {}
-    reps = []
+    out = []
     for job in work.jobs:
         key = (job.spec, json.dumps(job.kwargs, sort_keys=True, default=str))
         if key not in factories:
             factories[key] = inputs.import_factory(job.spec, job.kwargs, job.spec_option)
-        reps.append(sketch_job(job, factories[key], work, args))
-    return reps
+        out.append(factories[key])
+    return out
+
+
+def sketch_all(work: Plan, args) -> List[Any]:
+    """One representation per model."""
+    return [sketch_job(job, build, work, args) for job, build in zip(work.jobs, _factories(work))]
+
+
+def joint_scores(work: Plan, args) -> List[Score]:
+    """``--estimator joint``: each pair of models over the same batches, in one shuffled order
+    (seeded by ``--seed``: the estimator needs batches that are random subsets)."""
+    import torch
+
+    from ..extract import compare_models
+
+    built = [_built_model(job, build, work, args)
+             for job, build in zip(work.jobs, _factories(work))]
+    order = torch.randperm(work.x.shape[0], generator=torch.Generator().manual_seed(args.seed))
+    batches = _batches(work.x[order], None if work.y is None else work.y[order], args.batch_size)
+    scores = []
+    for i, j in model_pairs(len(work.jobs)):
+        if not args.no_progress:
+            print(f"comparing {work.jobs[i].label} with {work.jobs[j].label} on "
+                  f"{work.x.shape[0]} inputs", file=sys.stderr, flush=True)
+        try:
+            result = compare_models(built[i][0], built[j][0], batches, built[i][1], built[j][1],
+                                    kind=args.kind, debiased=args.debiased, beta=args.beta,
+                                    target=args.target, spatial=args.spatial,
+                                    progress=False if args.no_progress else None)
+        except (RuntimeError, ValueError, TypeError, IndexError, FloatingPointError) as error:
+            raise UsageError(f"comparing {work.jobs[i].label} with {work.jobs[j].label} failed: "
+                             f"{type(error).__name__}: {one_line(error)}") from None
+        scores.append(Score(result.matrix, result.layers_a, result.layers_b, result.error, [],
+                            "joint"))
+    return scores
 
 
 # ------------------------------------------------------------------------------ outputs
@@ -335,8 +381,9 @@ def print_summary(results: Dict[str, Any], out: str, figures: Sequence[str]) -> 
 
 def _settings(args, work: Plan) -> Dict[str, Any]:
     from ..psi import default_psi_buckets
-    return {"index": args.index, "kind": args.kind, **effective_options(work.options),
-            "m": args.m, "psi_buckets": args.psi_buckets or default_psi_buckets(args.m),
+    sketch = {} if args.estimator == "joint" else {
+        "m": args.m, "psi_buckets": args.psi_buckets or default_psi_buckets(args.m)}
+    return {"index": args.index, "kind": args.kind, **effective_options(work.options), **sketch,
             "seed": args.seed, "beta": args.beta, "target": args.target,
             "spatial": args.spatial, "n": int(work.x.shape[0]),
             "models": [{"label": job.label, "model": job.spec, "weights": job.weights}
@@ -354,13 +401,15 @@ def _score(reps, jobs: Sequence[ModelJob], i: int, j: int, args, options) -> Sco
 def run_compare(args: argparse.Namespace) -> int:
     """The compare command: check, sketch, compare, write, print."""
     work = plan(args)
-    reps = sketch_all(work, args)
+    if args.estimator == "joint":
+        scores = joint_scores(work, args)
+    else:
+        reps = sketch_all(work, args)
+        scores = [_score(reps, work.jobs, i, j, args, work.options)
+                  for i, j in model_pairs(len(work.jobs))]
     results = _settings(args, work)
-    results["pairs"] = []
-    for i, j in model_pairs(len(work.jobs)):
-        score = _score(reps, work.jobs, i, j, args, work.options)
-        results["pairs"].append(pair_entry(work.jobs[i].label, work.jobs[j].label, score,
-                                           args.out))
+    results["pairs"] = [pair_entry(work.jobs[i].label, work.jobs[j].label, score, args.out)
+                        for (i, j), score in zip(model_pairs(len(work.jobs)), scores)]
     write_tables(results, args.out)
     figures = [] if args.no_plots else draw_heatmaps(results, args.out)
     print_summary(results, args.out, figures)

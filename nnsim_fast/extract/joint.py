@@ -177,7 +177,7 @@ class _Kernels:
         f = stats.features[name].detach().to(self.dtype)
         g = None if stats.gradients is None else stats.gradients[name].detach().to(self.dtype)
         if self.kind in ("hadamard", "psi"):
-            return (f @ f.T) * (g @ g.T)
+            return _gram(f) * _gram(g)
         if self.kind == "khatri_rao" and f.shape[1] != g.shape[1]:
             raise ValueError(f"kind='khatri_rao' needs features and gradients of one width; "
                              f"layer {name!r} has {f.shape[1]} and {g.shape[1]}")
@@ -187,8 +187,25 @@ class _Kernels:
             x = vectors[which]
             shift = self.shifts.setdefault((run, name, which), x.mean(dim=0))
             x = x - shift
-            out = x @ x.T if out is None else out + x @ x.T
+            out = _gram(x) if out is None else out + _gram(x)
         return out
+
+
+def _gram(x: Tensor) -> Tensor:
+    """``x x^T`` from three of its four half-by-half tiles (the fourth is a transpose): a
+    fifth less work than one GEMM, exactly symmetric."""
+    rows = x.shape[0]
+    if rows < 128:
+        return x @ x.T
+    half = rows // 2
+    top, bottom = x[:half], x[half:]
+    out = torch.empty(rows, rows, dtype=x.dtype, device=x.device)
+    out[:half, :half] = top @ top.T
+    cross = top @ bottom.T
+    out[:half, half:] = cross
+    out[half:, :half] = cross.T
+    out[half:, half:] = bottom @ bottom.T
+    return out
 
 
 class _Blocks:
