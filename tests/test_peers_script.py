@@ -29,7 +29,7 @@ _spec.loader.exec_module(peers)
 N = 48
 PEER_MODULES = {"pytorch_cka": "cka", "torch_cka": "torch_cka", "ckatorch": "ckatorch"}
 INSTALLED = [tool for tool, module in PEER_MODULES.items() if importlib.util.find_spec(module)]
-OURS = ["exact", "exact_hadamard", "nnsim", "nnsim_hadamard", "forward"]
+OURS = ["exact", "exact_hadamard", "joint", "joint_hadamard", "nnsim", "nnsim_hadamard", "forward"]
 TINY = ["--sizes", str(N), "--repeats", "1", "--width", "2", "--batch", "16", "--m", "16",
         "--train-samples", "32", "--threads", "1", "--timeout", "300", "--quiet"]
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
@@ -58,14 +58,19 @@ def _made_up_runs():
     bars = [[0.015] * 4 for _ in range(4)]
     nan_peer = [line[:] for line in centred]
     nan_peer[1][2] = None                                  # a NaN entry, as JSON writes it
-    return [
+    joint = [_run("joint", 10, seconds, ours, standard_errors=bars, debiased_matrix=debiased,
+                  debiased_standard_errors=bars, block=16) for seconds in (4.0, 6.0, 5.0)]
+    sketch = [[v + 0.05 for v in line] for line in centred]
+    return joint + [
+        _run("joint", 20, 5.0, ours, standard_errors=bars, debiased_matrix=debiased,
+             debiased_standard_errors=bars, block=16),
         _run("exact", 10, 9.0, centred, debiased_matrix=debiased),
         _run("exact_hadamard", 10, 20.0, _matrix(0.3), debiased_matrix=_matrix(0.29)),
-        _run("nnsim", 10, 4.0, ours, standard_errors=bars, debiased_matrix=debiased,
+        _run("nnsim", 10, 4.0, sketch, standard_errors=bars, debiased_matrix=debiased,
              debiased_standard_errors=bars, warnings=["m too small"]),
-        _run("nnsim", 10, 6.0, ours, standard_errors=bars, debiased_matrix=debiased,
+        _run("nnsim", 10, 6.0, sketch, standard_errors=bars, debiased_matrix=debiased,
              debiased_standard_errors=bars),
-        _run("nnsim", 10, 5.0, ours, standard_errors=bars, debiased_matrix=debiased,
+        _run("nnsim", 10, 5.0, sketch, standard_errors=bars, debiased_matrix=debiased,
              debiased_standard_errors=bars),
         _run("nnsim_hadamard", 10, 8.0, _matrix(0.35), standard_errors=bars,
              debiased_matrix=_matrix(0.29), debiased_standard_errors=bars),
@@ -73,7 +78,7 @@ def _made_up_runs():
         _run("torch_cka", 10, 7.0, nan_peer, peer_error="AssertionError: NaN"),
         _run("forward", 10, 3.0),
         {"tool": "ckatorch", "n": 10, "status": "error", "message": "ValueError: no"},
-        _run("nnsim", 20, 5.0, ours, standard_errors=bars, debiased_matrix=debiased,
+        _run("nnsim", 20, 5.0, sketch, standard_errors=bars, debiased_matrix=debiased,
              debiased_standard_errors=bars),
     ]
 
@@ -85,7 +90,7 @@ def _summary():
 
 def test_errors_are_against_the_exact_run_of_the_same_n_and_kernel():
     by_key, _ = _summary()
-    ours = by_key[("nnsim", 10)]
+    ours = by_key[("joint", 10)]
     assert ours["reference"] == "exact"
     assert ours["error_vs_centred"] == {"max": 0.02, "mean": 0.02, "non_finite": 0}
     assert ours["error_vs_debiased"]["max"] == pytest.approx(0.04)
@@ -101,6 +106,7 @@ def test_errors_are_against_the_exact_run_of_the_same_n_and_kernel():
     assert nan_row["peer_error"] == "AssertionError: NaN"
     assert by_key[("ckatorch", 10)]["status"] == "error"
     assert "matrix" not in by_key[("forward", 10)] and by_key[("forward", 10)]["seconds"] == 3.0
+    assert by_key[("nnsim", 10)]["error_vs_centred"]["max"] == pytest.approx(0.05)
     assert by_key[("nnsim", 20)]["error_vs_centred"] is None                 # no exact run at N=20
 
 
@@ -120,8 +126,9 @@ def test_targets_follow_the_numbers():
     accuracy = targets["accuracy at N=10"]          # 0.02 against pytorch-cka's 0.03 (torch-cka: NaN)
     assert accuracy["met"] is True
     assert "most accurate peer pytorch-cka max abs err 0.0300" in accuracy["detail"]
+    assert "one model at a time: max abs err 0.0500" in accuracy["detail"]
     assert targets["speed at N=20"]["met"] is None and targets["accuracy at N=20"]["met"] is None
-    memory = targets["memory flat in N (nnsim_fast default path)"]
+    memory = targets["memory flat in N (nnsim_fast compare_models)"]
     assert memory["met"] is True                    # 55 MiB above the baseline at both sizes
 
     runs = _made_up_runs()
@@ -133,9 +140,10 @@ def test_targets_follow_the_numbers():
     verdicts = {t["target"].split(":")[0]: t["met"] for t in peers.evaluate_targets(rows, [10])}
     assert verdicts["accuracy at N=10"] is False and verdicts["speed at N=10"] is False
     why = peers.format_why(_report(rows))          # each missed target explained in numbers
-    assert "- Accuracy at N=10: nnsim_fast's entries are off by up to 0.0200" in why
+    assert "- Accuracy at N=10: nnsim_fast compare_models's entries are off by up to 0.0200" in why
     assert "- Speed at N=10: both models' forward passes alone take 3.0 s" in why
-    assert "nnsim_fast spends 2.0 s and pytorch-cka 1.0 s" in why
+    assert ("nnsim_fast compare_models spends 2.0 s (its Gram products over blocks of 16 samples) "
+            "and pytorch-cka 1.0 s") in why
 
 
 def test_markdown_of_made_up_runs_shows_the_summary_numbers():
@@ -143,8 +151,10 @@ def test_markdown_of_made_up_runs_shows_the_summary_numbers():
     report = _report(rows)
     text = peers.format_report(report)
     cells = _table(text)
-    assert cells[("nnsim_fast (default, m=16)", "10")][2:5] == ["5.0", "3 (4.0-6.0)", "1.00x"]
-    assert cells[("nnsim_fast (default, m=16)", "10")][5:7] == ["2.0", "7.5"]   # 5.0 - 3.0 floor; CPU
+    ours = "nnsim_fast compare_models (both models at hand)"
+    assert cells[(ours, "10")][2:5] == ["5.0", "3 (4.0-6.0)", "1.00x"]
+    assert cells[(ours, "10")][5:7] == ["2.0", "7.5"]   # 5.0 - 3.0 floor; CPU
+    assert cells[("nnsim_fast sketch (one model at a time, m=16)", "10")][9] == "0.0500"
     assert cells[("torch-cka", "10")][9] == "non-finite (1 entries)"
     assert cells[("ckatorch", "10")][2] == "error: ValueError: no"
     assert "`AssertionError: NaN`" in text
@@ -217,7 +227,7 @@ def test_every_tool_ran_in_its_own_process_with_time_and_memory(real):
 def test_errors_are_computed_against_the_exact_run(real):
     rows = _rows(real[0])
     exact, paper_exact = rows["exact"], rows["exact_hadamard"]
-    for tool in ["nnsim", *INSTALLED]:
+    for tool in ["joint", "nnsim", *INSTALLED]:
         row = rows[tool]
         assert row["reference"] == "exact"
         errors = row["error_vs_centred"]
@@ -230,6 +240,9 @@ def test_errors_are_computed_against_the_exact_run(real):
         _max_abs_diff(rows["nnsim_hadamard"]["matrix"], paper_exact["matrix"]), abs=1e-5)
     assert all(0.0 <= v <= 1.0 + 1e-9 for line in exact["matrix"] for v in line)
     assert rows["nnsim"]["error_bars"]["max_standard_error"] > 0
+    assert rows["joint_hadamard"]["reference"] == "exact_hadamard"
+    assert rows["joint"]["block"] == 48                  # every batch of 16 pooled into one block
+    assert rows["joint"]["error_vs_centred"]["max"] < 1e-4   # one block holding all N: exact
 
 
 def test_markdown_numbers_are_the_json_numbers(real):

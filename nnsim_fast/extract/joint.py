@@ -89,7 +89,8 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, data,
 
     Returns:
         a :class:`~nnsim_fast.compare.SimilarityResult` with ``estimator="joint"``,
-        ``n`` (samples seen) and ``error``: the standard error against the all-N
+        ``n`` (samples seen), ``block`` (samples in the largest block) and ``error``: the
+        standard error against the all-N
         value, from swapping each group's tuples for those inside half blocks
         (:mod:`nnsim_fast.pairs`; 0 when one block held every sample).
         ``pairs`` (the :class:`~nnsim_fast.pairs.BatchPairs` sums) and
@@ -110,8 +111,8 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, data,
         limit = check_optional_int(max_batches, "max_batches", 1)
         kernels = _Kernels(sides, kind, dtype)
         pairs = BatchPairs(len(kernels.keys), check_groups(groups))
-        _run(sides, data, limit, progress, _Blocks(check_optional_int(block, "block", 1), kernels,
-                                                   pairs))
+        blocks = _Blocks(check_optional_int(block, "block", 1), kernels, pairs)
+        _run(sides, data, limit, progress, blocks)
         if pairs.n == 0:
             raise ValueError("data yielded no samples")
         matrix, error = pairs.cka(debiased)
@@ -119,7 +120,8 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, data,
         result = SimilarityResult(matrix[rows][:, columns], sides.names[0], sides.names[1],
                                   error=error[rows][:, columns], estimator="joint", index="cka",
                                   kind=kind, debiased=debiased)
-        result.n, result.pairs, result.positions = pairs.n, pairs, (rows, columns)
+        result.n, result.block = pairs.n, blocks.largest
+        result.pairs, result.positions = pairs, (rows, columns)
         return result
 
 
@@ -217,6 +219,7 @@ class _Blocks:
         self.size, self.kernels, self.pairs = size, kernels, pairs
         self.pending: List[List[Statistics]] = []
         self.count = 0
+        self.largest = 0         # samples in the largest block formed
 
     def add(self, stats: List[Statistics], batch: int) -> None:
         if self.size is None:
@@ -231,6 +234,7 @@ class _Blocks:
             return
         joined = [_concatenated([held[run] for held in self.pending])
                   for run in range(len(self.pending[0]))]
+        self.largest = max(self.largest, self.count)
         self.pending, self.count = [], 0
         self.pairs.add(self.kernels.blocks(joined))
 
