@@ -89,10 +89,10 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, data,
 
     Returns:
         a :class:`~nnsim_fast.compare.SimilarityResult` with ``estimator="joint"``,
-        ``n`` (samples seen), ``block`` (samples in the largest block) and ``error``: the
-        standard error against the all-N
-        value, from swapping each group's tuples for those inside half blocks
-        (:mod:`nnsim_fast.pairs`; 0 when one block held every sample).
+        ``n`` (samples seen), ``block`` (samples in the largest block) and
+        ``error``: the standard error against the all-N value, from swapping each
+        group's tuples for those inside half blocks (:mod:`nnsim_fast.pairs`; 0
+        when one block held every sample).
         ``pairs`` (the :class:`~nnsim_fast.pairs.BatchPairs` sums) and
         ``positions`` (the rows of ``layers_a`` and ``layers_b`` in them) give
         the other estimand without another pass:
