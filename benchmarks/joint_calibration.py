@@ -56,7 +56,6 @@ def kernels(n: int, width: int, workdir: str) -> Dict[str, torch.Tensor]:
 
 def exact_cka(K: torch.Tensor) -> torch.Tensor:
     """``[4, 4]`` centred CKA of model A's stages (rows) with model B's (columns)."""
-    n = K.shape[1]
     centred = K - K.mean(dim=1, keepdim=True)
     centred = centred - centred.mean(dim=2, keepdim=True)
     flat = centred.reshape(K.shape[0], -1)
