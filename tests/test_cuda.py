@@ -586,3 +586,25 @@ def test_torch_compile_fullgraph():
     eager = summary(f, g)
     compiled = torch.compile(summary, fullgraph=True)(f, g)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5 * eager.abs().max().item())
+
+
+def test_compare_models_on_cuda_matches_cpu():
+    """The joint path with both models on the GPU: the same CKA and error bars as on the CPU
+    (float64 Grams, so only the order of the sums differs)."""
+    import nnsim_fast as nf
+    from torch import nn
+
+    def model(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 6, generator=generator)
+    y = torch.randint(0, 5, (96,), generator=generator)
+    batches = list(zip(x.split(24), y.split(24)))
+    options = dict(kind="hadamard", dtype=torch.float64, block=48, progress=False)
+    cpu = nf.compare_models(model(0), model(1), batches, ["0", "2"], ["0", "2"], **options)
+    cuda = nf.compare_models(model(0).cuda(), model(1).cuda(), batches, ["0", "2"], ["0", "2"],
+                             **options)
+    torch.testing.assert_close(cuda.matrix, cpu.matrix, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(cuda.error, cpu.error, rtol=1e-6, atol=1e-10)
