@@ -7,6 +7,7 @@ float64, Song et al.'s unbiased HSIC written out from its formula, and the exact
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -227,6 +228,22 @@ def test_features_only_needs_no_gradients(data):
         got = nf.compare_models(model, small_cnn(1), [images[:100], images[100:]], LAYERS[:2],
                                 LAYERS[:2], kind="feature", progress=False)
     assert got.matrix.shape == (2, 2) and torch.isfinite(got.matrix).all()
+
+
+def test_data_grouped_by_class_is_warned_about(data):
+    images, labels = data
+    order = labels.argsort(stable=True)
+    grouped = list(zip(images[order].split(24), labels[order].split(24)))
+    with pytest.warns(RuntimeWarning, match="grouped by class"):
+        nf.compare_models(small_cnn(0), small_cnn(1), grouped, LAYERS[:1], LAYERS[:1],
+                          kind="feature", block=24, progress=False)
+    shuffled = list(zip(images.split(24), labels.split(24)))
+    many_classes = list(zip(images.split(8), torch.arange(N).split(8)))   # 240 labels, 8 a block
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for batches in (shuffled, many_classes):
+            nf.compare_models(small_cnn(0), small_cnn(1), batches, LAYERS[:1], LAYERS[:1],
+                              kind="feature", block=24, progress=False)
 
 
 def test_bad_arguments(data):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -74,7 +75,9 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, data,
             then compared with each other, from one pass).
         data: batches as for :func:`~nnsim_fast.sketch_model`; they must be
             random subsets of the data (a shuffled loader, or data in random
-            order).  With one block holding all the data the result is exact.
+            order; blocks that hold far fewer distinct labels than random subsets
+            would raise a warning).  With one block holding all the data the
+            result is exact.
         layers_a, layers_b: probed layers of each model (default: its children).
         kind: any kind of :data:`nnsim_fast.options.KINDS` but ``"transport"``.
         dtype: precision of the per-block Gram products (float32 or float64);
@@ -220,23 +223,65 @@ class _Blocks:
         self.pending: List[List[Statistics]] = []
         self.count = 0
         self.largest = 0         # samples in the largest block formed
+        self.labels = _LabelMix()
 
-    def add(self, stats: List[Statistics], batch: int) -> None:
+    def add(self, stats: List[Statistics], batch: int, labels) -> None:
         if self.size is None:
             self.size = _auto_block(stats, batch, len(self.kernels.keys))
         self.pending.append(stats)
         self.count += batch
+        self.labels.add(labels)
         if self.count + batch > self.size:    # the next batch of this size would not fit
             self.flush()
 
     def flush(self) -> None:
         if not self.pending:
             return
+        self.labels.close_block()
         joined = [_concatenated([held[run] for held in self.pending])
                   for run in range(len(self.pending[0]))]
         self.largest = max(self.largest, self.count)
         self.pending, self.count = [], 0
         self.pairs.add(self.kernels.blocks(joined))
+
+
+class _LabelMix:
+    """Whether the blocks look like random subsets, judged from the labels when the batches
+    carry class labels: a block holding far fewer distinct labels than a random subset of its
+    size would (expected count from the overall label frequencies) means data grouped by
+    class, which biases the within-block estimator.  A warning, not an error: labels cannot
+    prove an order random, only sometimes show that it is not."""
+
+    def __init__(self) -> None:
+        self.block: Dict[int, int] = {}
+        self.blocks: List[Tuple[int, int]] = []          # (distinct labels, samples)
+        self.counts: Dict[int, int] = {}
+
+    def add(self, labels) -> None:
+        if isinstance(labels, Tensor) and labels.dim() == 1 and not labels.is_floating_point():
+            for value in labels.tolist():
+                self.block[value] = self.block.get(value, 0) + 1
+                self.counts[value] = self.counts.get(value, 0) + 1
+
+    def close_block(self) -> None:
+        if self.block:
+            self.blocks.append((len(self.block), sum(self.block.values())))
+        self.block = {}
+
+    def warn_if_grouped(self) -> None:
+        if len(self.counts) < 4 or len(self.blocks) < 2:
+            return
+        total = sum(self.counts.values())
+        p = torch.tensor([count / total for count in self.counts.values()], dtype=torch.float64)
+        ratios = sorted(distinct / float((1 - (1 - p) ** size).sum())
+                        for distinct, size in self.blocks)
+        typical = ratios[len(ratios) // 2]
+        if typical < 0.5:
+            warnings.warn(
+                f"the blocks of consecutive batches hold {typical:.0%} of the distinct labels a "
+                "random subset of their size would (median): the data look grouped by class, "
+                "and within-block pairs then misrepresent the pairs of all N; shuffle the loader "
+                "(shuffle=True)", RuntimeWarning, stacklevel=4)
 
 
 def _auto_block(stats: List[Statistics], batch: int, kernels: int) -> int:
@@ -278,9 +323,10 @@ def _run(sides: _Sides, data, limit: Optional[int], progress, blocks: _Blocks) -
                         stats.append(_detached(batch_statistics(
                             model, probe, batch.to(model_device(model)), extraction, label)))
                         monitor.observe(stats[-1], label)
-                    blocks.add(stats, batch.size)
+                    blocks.add(stats, batch.size, batch.labels)
                 bar.update(batch.size)
             blocks.flush()
+        blocks.labels.warn_if_grouped()
     finally:
         bar.close()
     for monitor in monitors:
