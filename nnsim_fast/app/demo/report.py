@@ -47,7 +47,7 @@ def format_desiderata(results: Dict[str, Any]) -> str:
     """The terminal table: each representation x index, task-pair values and PASS/FAIL verdicts."""
     header = f"{'representation':<20} {'index':<8} " + " ".join(f"{k:>6}" for k in _KEYS) + \
         "   (1)   (2)   (3)"
-    lines = ["Desiderata of the seed paper (DESIGN section 7), from block-matched model pairs:",
+    lines = ["Desiderata of the paper (docs/demo.md), from block-matched model pairs:",
              "  (1) same task, different init > different tasks   (2) A-B > A-C and A-B > B-C"
              "   (3) A-C > B-C", _roles_line(results), header, "-" * len(header)]
     for rep, index, values, verdicts, _ in _desiderata_rows(results):
