@@ -76,7 +76,6 @@ __all__ = ["BatchPairs", "DEFAULT_GROUPS"]
 DEFAULT_GROUPS = 64
 
 _MEANS = ("S2", "S3", "S4", "E", "Z")        # tuple means of a block, weighted by its size
-_EXACT = ("D", "t")                          # sums over single samples
 _SHAPES = {"S2": 2, "S3": 2, "S4": 2, "E": 2, "Z": 1, "D": 2, "t": 1}   # matrix or vector
 _SMALLEST = 4                                # a block needs a quadruple to enter the means
 _SPLITS = 4                                  # splits into halves averaged in the error bars
