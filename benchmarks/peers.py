@@ -1025,10 +1025,11 @@ def _setup_lines(report: Dict) -> List[str]:
         f"- Models: {models['model_a']} (A) and {models['model_b']} (B); training losses "
         f"{models.get('train_losses')}, held-out accuracy {models.get('held_out_accuracy')}.",
         f"- Data: N generated 32x32 RGB images (seed {settings['eval_data_seed']}), the same for "
-        f"every tool, DataLoader batch {settings['batch']}, no shuffling; N = "
+        f"every tool, DataLoader batch {settings['batch']}, no shuffling (the images are generated in random "
+        "class order, so consecutive batches are random subsets, as compare_models needs); N = "
         f"{', '.join(map(str, settings['sizes']))}; runs per tool: "
         + ", ".join(f"{r} at N={n}" for n, r in zip(settings["sizes"], settings["repeats"]))
-        + " (each in a fresh process; medians; the exact references and the nnsim_fast hadamard row "
+        + " (each in a fresh process; medians; the exact references and the nnsim_fast hadamard rows "
         "once per N); the hadamard rows "
         f"up to N={settings['exact_hadamard_max_n']} (exact) and "
         + (f"up to N={settings['nnsim_hadamard_max_n']}" if settings.get("nnsim_hadamard_max_n")
