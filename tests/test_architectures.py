@@ -381,6 +381,30 @@ def test_text_encoder_exact_model_holds_the_reference_rows():
         rep.close()
 
 
+def test_text_encoder_compare_models_with_padded_batches_is_exact_in_one_block():
+    """Dict batches padded per batch (token lengths vary): compare_models pools them into one
+    block, so it must equal the exact CKA of the unpadded, token-pooled rows."""
+    import nnsim_fast as nf
+    from nnsim_fast.exact import ExactRepresentation
+
+    a, b = make_text_model(), make_text_model()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    got = nf.compare_models(a, b, hf_batches(None), TEXT_LAYERS, TEXT_LAYERS, kind="hadamard",
+                            dtype=torch.float64, progress=False)
+    reps = []
+    for model in (a, b):
+        rep = ExactRepresentation(dtype=torch.float64)
+        reference = per_sample(model, TEXT_LAYERS, unpadded_calls())
+        pooled = {name: pool_tokens(reference[name], "mean") for name in TEXT_LAYERS}
+        rep.update({k: f for k, (f, _) in pooled.items()}, {k: g for k, (_, g) in pooled.items()})
+        reps.append(rep)
+    want = nf.similarity(*reps, kind="hadamard").matrix
+    torch.testing.assert_close(got.matrix, want, rtol=1e-6, atol=1e-8)
+    assert got.n == len(LENGTHS) and got.block == len(LENGTHS)
+
+
 # --------------------------------------------------------------------------- Hugging Face models
 
 def tiny_bert():
