@@ -227,8 +227,9 @@ def _resolution_notes(error: torch.Tensor, names_a, names_b, m: int, option: str
     advice = f"a larger {option}" if larger is None else \
         f"{option}={larger} (the error falls like 1/sqrt({option}) or faster)"
     note = (f"{option}={m} is too small for {len(pairs)} layer pair(s) {shown}: standard error up to "
-            f"{worst:.3g} (> {estimators.RESOLUTION_TOLERANCE}); sketch with {advice}, or check "
-            "a subset with estimator='exact'")
+            f"{worst:.3g} (> {estimators.RESOLUTION_TOLERANCE}); sketch with {advice}, check "
+            "a subset with estimator='exact', or, with both models at hand, use "
+            "compare_models (CKA from exact within-block pairs)")
     warnings.warn(note, ResolutionWarning, stacklevel=4)
     return [note]
 
