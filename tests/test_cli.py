@@ -277,6 +277,41 @@ def test_compare_joint_one_block_is_the_exact_value(workdir, capsys, debiased):
     assert np.array(result["pairs"][0]["error"]).max() == 0
 
 
+def test_compare_joint_every_pair_in_one_pass(workdir, capsys):
+    """Three checkpoints with --estimator joint, from one pass: each pair's matrix and error
+    bars equal compare_models on that pair over the same shuffled batches (the pairs map to
+    the right models and layers)."""
+    third = workdir.path / "model3.pt"
+    torch.manual_seed(3)
+    torch.save(workdir.Tiny().state_dict(), third)
+    weights = [*workdir.weights, str(third)]
+    out = workdir.path / "joint3"
+    code, _, err = run(capsys, "compare", "--model", f"{workdir.module}:tiny", "--weights",
+                       *weights, "--data", "data.pt", "--layers", *LAYERS, "--estimator", "joint",
+                       "--batch-size", 8, "--seed", 4, "--out", out, "--no-progress", "--no-plots")
+    assert code == 0, err
+    result = json.loads((out / "similarity.json").read_text())
+    assert [(p["a"], p["b"]) for p in result["pairs"]] == [("model1", "model2"), ("model1", "model3"),
+                                                          ("model2", "model3")]
+    models = []
+    for path in weights:
+        model = workdir.Tiny()
+        model.load_state_dict(torch.load(path))
+        models.append(model)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(4))
+    batches = list(zip(workdir.x[order].split(8), workdir.y[order].split(8)))
+    for entry, (i, j) in zip(result["pairs"], [(0, 1), (0, 2), (1, 2)]):
+        want = nnsimfast_pair(models[i], models[j], batches)
+        np.testing.assert_allclose(np.array(entry["matrix"]), want.matrix.numpy(), rtol=1e-6,
+                                   atol=1e-7)
+        np.testing.assert_allclose(np.array(entry["error"]), want.error.numpy(), rtol=1e-5,
+                                   atol=1e-7)
+
+
+def nnsimfast_pair(model_a, model_b, batches):
+    return nnsim_fast.compare_models(model_a, model_b, batches, LAYERS, LAYERS, progress=False)
+
+
 def test_missing_or_unknown_command(capsys):
     expect_usage_error(capsys, match="a command is required")
     expect_usage_error(capsys, "frobnicate", match="invalid choice")

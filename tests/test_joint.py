@@ -208,6 +208,31 @@ def test_same_model_runs_once_and_pairs_layers(data, exact_reps):
     assert len(calls) == 1
 
 
+def test_several_models_in_one_pass_equal_the_pairwise_results(data):
+    from nnsim_fast.extract.joint import joint_similarities
+
+    images, labels = data
+    batches = list(zip(images.split(40), labels.split(40)))
+    models = [small_cnn(seed) for seed in (0, 1, 2)]
+    calls = [0, 0, 0]
+    for k, model in enumerate(models):
+        model.register_forward_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
+    pairs = [(0, 1), (1, 2), (2, 0)]
+    layer_lists = [LAYERS, LAYERS[:2], ["5"]]
+    together = joint_similarities(models, batches, layer_lists, pairs, kind="hadamard", block=80,
+                                  progress=False)
+    assert calls == [len(batches)] * 3                     # each model once per batch
+    for (i, j), got in zip(pairs, together):
+        alone = nf.compare_models(models[i], models[j], batches, layer_lists[i], layer_lists[j],
+                                  kind="hadamard", block=80, progress=False)
+        assert got.layers_a == layer_lists[i] and got.layers_b == layer_lists[j]
+        # Same numbers up to the summation order of differently sized products.
+        torch.testing.assert_close(got.matrix, alone.matrix, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(got.error, alone.error, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="one layer list"):
+        joint_similarities(models, batches, [LAYERS], pairs)
+
+
 def test_other_estimand_from_the_same_sums(data, exact_reps):
     images, labels = data
     got = nf.compare_models(small_cnn(0), small_cnn(1), [(images, labels)], LAYERS, LAYERS,

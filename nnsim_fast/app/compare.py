@@ -235,32 +235,32 @@ def sketch_all(work: Plan, args) -> List[Any]:
 
 
 def joint_scores(work: Plan, args) -> List[Score]:
-    """``--estimator joint``: each pair of models over the same batches, in one shuffled order
-    (seeded by ``--seed``: the estimator needs batches that are random subsets)."""
+    """``--estimator joint``: every model over the same batches in one pass, in one shuffled
+    order (seeded by ``--seed``: the estimator needs batches that are random subsets), and
+    each pair of models from the same sums."""
     import torch
 
-    from ..extract import compare_models
+    from ..extract.joint import joint_similarities
 
     built = [_built_model(job, build, work, args)
              for job, build in zip(work.jobs, _factories(work))]
     order = torch.randperm(work.x.shape[0], generator=torch.Generator().manual_seed(args.seed))
     batches = _batches(work.x[order], None if work.y is None else work.y[order], args.batch_size)
-    scores = []
-    for i, j in model_pairs(len(work.jobs)):
-        if not args.no_progress:
-            print(f"comparing {work.jobs[i].label} with {work.jobs[j].label} on "
-                  f"{work.x.shape[0]} inputs", file=sys.stderr, flush=True)
-        try:
-            result = compare_models(built[i][0], built[j][0], batches, built[i][1], built[j][1],
-                                    kind=args.kind, debiased=args.debiased, beta=args.beta,
-                                    target=args.target, spatial=args.spatial,
-                                    progress=False if args.no_progress else None)
-        except (RuntimeError, ValueError, TypeError, IndexError, FloatingPointError) as error:
-            raise UsageError(f"comparing {work.jobs[i].label} with {work.jobs[j].label} failed: "
-                             f"{type(error).__name__}: {one_line(error)}") from None
-        scores.append(Score(result.matrix, result.layers_a, result.layers_b, result.error, [],
-                            "joint"))
-    return scores
+    pairs = model_pairs(len(work.jobs))
+    if not args.no_progress:
+        print(f"comparing {', '.join(job.label for job in work.jobs)} on {work.x.shape[0]} inputs "
+              "in one pass", file=sys.stderr, flush=True)
+    try:
+        results = joint_similarities([model for model, _ in built], batches,
+                                     [layers for _, layers in built], pairs, kind=args.kind,
+                                     debiased=args.debiased, beta=args.beta, target=args.target,
+                                     spatial=args.spatial,
+                                     progress=False if args.no_progress else None)
+    except (RuntimeError, ValueError, TypeError, IndexError, FloatingPointError) as error:
+        raise UsageError(f"comparing the models on --data {args.data!r} failed: "
+                         f"{type(error).__name__}: {one_line(error)}") from None
+    return [Score(result.matrix, result.layers_a, result.layers_b, result.error, [], "joint")
+            for result in results]
 
 
 # ------------------------------------------------------------------------------ outputs

@@ -34,7 +34,7 @@ from .driver import _Monitor, _progress_bar
 from .probe import LayerProbe, eval_mode, model_device
 from .step import Extraction, Statistics, autograd_mode, batch_statistics
 
-__all__ = ["compare_models", "JOINT_KINDS"]
+__all__ = ["compare_models", "joint_similarities", "JOINT_KINDS"]
 
 #: Kernel kinds whose ``b x b`` block on a batch follows from that batch alone
 #: (``transport`` needs matrix functions of the whole ``N x N`` kernel).
@@ -102,49 +102,78 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, data,
         ``matrix, error = result.pairs.cka(debiased=True)``, then
         ``matrix[rows][:, columns]``.
     """
+    options = dict(kind=kind, debiased=debiased, beta=beta, target=target, loss_fn=loss_fn,
+                   output_fn=output_fn, spatial=spatial, tokens=tokens, dtype=dtype, block=block,
+                   groups=groups, max_batches=max_batches, progress=progress)
+    return joint_similarities([model_a, model_b], data, [layers_a, layers_b], [(0, 1)],
+                              **options)[0]
+
+
+def joint_similarities(models: Sequence[nn.Module], data, layers: Sequence, pairs: Sequence[Tuple[int, int]],
+                       *, kind: str = "hadamard", debiased: bool = False, dtype=torch.float32,
+                       block: Optional[int] = None, groups: Optional[int] = None,
+                       max_batches: Optional[int] = None, progress: Optional[bool] = None,
+                       **extraction) -> List[SimilarityResult]:
+    """:func:`compare_models` for several models in ONE pass: each model runs once per batch
+    (one run per distinct model object) and every ``(i, j)`` of ``pairs`` comes from the same
+    sums, ``layers[i]`` against ``layers[j]``.  ``extraction``: the options of
+    :func:`~nnsim_fast.sketch_model` (``beta``, ``target``, ``loss_fn``, ``output_fn``,
+    ``spatial``, ``tokens``).  The rows of all models' layers share the block budget."""
     kind = check_choice(kind, "kind", JOINT_KINDS)
     debiased = check_bool(debiased, "debiased")
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if len(models) != len(layers) or not models:
+        raise ValueError(f"give one layer list (or None) per model: {len(models)} models, "
+                         f"{len(layers)} layer lists")
     with torch.inference_mode(False):
-        options = dict(beta=beta, target=target, loss_fn=loss_fn, output_fn=output_fn,
-                       spatial=spatial, tokens=tokens, gradients=kind != "feature")
-        sides = _sides(model_a, model_b, layers_a, layers_b, options)
+        sides = _sides(models, layers, dict(extraction, gradients=kind != "feature"))
         check_data(data)
         limit = check_optional_int(max_batches, "max_batches", 1)
         kernels = _Kernels(sides, kind, dtype)
-        pairs = BatchPairs(len(kernels.keys), check_groups(groups))
-        blocks = _Blocks(check_optional_int(block, "block", 1), kernels, pairs)
+        sums = BatchPairs(len(kernels.keys), check_groups(groups))
+        blocks = _Blocks(check_optional_int(block, "block", 1), kernels, sums)
         _run(sides, data, limit, progress, blocks)
-        if pairs.n == 0:
+        if sums.n == 0:
             raise ValueError("data yielded no samples")
-        matrix, error = pairs.cka(debiased)
-        rows, columns = kernels.positions(0), kernels.positions(1)
-        result = SimilarityResult(matrix[rows][:, columns], sides.names[0], sides.names[1],
-                                  error=error[rows][:, columns], estimator="joint", index="cka",
-                                  kind=kind, debiased=debiased)
-        result.n, result.block = pairs.n, blocks.largest
-        result.pairs, result.positions = pairs, (rows, columns)
-        return result
+        matrix, error = sums.cka(debiased)
+        results = []
+        for i, j in pairs:
+            rows, columns = kernels.positions(i), kernels.positions(j)
+            result = SimilarityResult(matrix[rows][:, columns], sides.names[i], sides.names[j],
+                                      error=error[rows][:, columns], estimator="joint",
+                                      index="cka", kind=kind, debiased=debiased)
+            result.n, result.block = sums.n, blocks.largest
+            result.pairs, result.positions = sums, (rows, columns)
+            results.append(result)
+        return results
 
 
 class _Sides:
-    """The models to run (one when ``model_b is model_a``) and each side's layer names."""
+    """The models to run (one run per distinct model object) and each side's layer names."""
 
-    def __init__(self, runs: List[Tuple[nn.Module, Extraction]], names: Tuple[List[str], List[str]],
-                 run_of_side: Tuple[int, int]) -> None:
+    def __init__(self, runs: List[Tuple[nn.Module, Extraction]], names: List[List[str]],
+                 run_of_side: List[int]) -> None:
         self.runs, self.names, self.run_of_side = runs, names, run_of_side
 
 
-def _sides(model_a, model_b, layers_a, layers_b, options: Dict) -> _Sides:
-    ext_a = Extraction.build(model_a, layers_a, **options)
-    ext_b = Extraction.build(model_b, layers_b, **options)
-    names = (list(ext_a.layers), list(ext_b.layers))
-    if model_b is not model_a:
-        return _Sides([(model_a, ext_a), (model_b, ext_b)], names, (0, 1))
-    union = list(dict.fromkeys(names[0] + names[1]))
-    both = Extraction.build(model_a, union, **options)
-    return _Sides([(model_a, both)], names, (0, 0))
+def _sides(models: Sequence[nn.Module], layers: Sequence, options: Dict) -> _Sides:
+    names = [list(Extraction.build(model, chosen, **options).layers)
+             for model, chosen in zip(models, layers)]
+    distinct: List[nn.Module] = []
+    run_of_side = []
+    for model in models:
+        found = next((k for k, seen in enumerate(distinct) if seen is model), None)
+        if found is None:
+            distinct.append(model)
+            found = len(distinct) - 1
+        run_of_side.append(found)
+    runs = []
+    for run, model in enumerate(distinct):
+        union = list(dict.fromkeys(name for side, side_names in enumerate(names)
+                                   if run_of_side[side] == run for name in side_names))
+        runs.append((model, Extraction.build(model, union, **options)))
+    return _Sides(runs, names, run_of_side)
 
 
 class _Kernels:
