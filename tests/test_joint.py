@@ -231,6 +231,8 @@ def test_several_models_in_one_pass_equal_the_pairwise_results(data):
         torch.testing.assert_close(got.error, alone.error, rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="one layer list"):
         joint_similarities(models, batches, [LAYERS], pairs)
+    with pytest.raises(ValueError, match="pairs must be"):
+        joint_similarities(models, batches, layer_lists, [(0, 3)])
 
 
 def test_other_estimand_from_the_same_sums(data, exact_reps):

@@ -126,6 +126,11 @@ def joint_similarities(models: Sequence[nn.Module], data, layers: Sequence, pair
     if len(models) != len(layers) or not models:
         raise ValueError(f"give one layer list (or None) per model: {len(models)} models, "
                          f"{len(layers)} layer lists")
+    pairs = [tuple(pair) for pair in pairs]
+    if not pairs or any(len(pair) != 2 or not all(0 <= k < len(models) for k in pair)
+                        for pair in pairs):
+        raise ValueError(f"pairs must be (i, j) positions among the {len(models)} models, got "
+                         f"{pairs}")
     with torch.inference_mode(False):
         sides = _sides(models, layers, dict(extraction, gradients=kind != "feature"))
         check_data(data)
