@@ -13,6 +13,11 @@ INDICES = ("cka", "nbs")
 #: see :mod:`nnsim_fast.kernels` for what each one is.
 KINDS = ("feature", "gradient", "hadamard", "sum", "khatri_rao", "psi", "transport")
 
+#: Kinds whose ``b x b`` block on a batch follows from that batch alone, which the joint
+#: path (:func:`nnsim_fast.compare_models`) needs: not ``transport`` (matrix functions of
+#: the whole ``N x N`` kernel).
+JOINT_KINDS = tuple(kind for kind in KINDS if kind != "transport")
+
 #: Kinds computed from features alone (a representation sketched with
 #: ``gradients=False`` offers only these).
 FEATURE_KINDS = ("feature",)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import inputs
+from ..options import JOINT_KINDS
 from .errors import UsageError, one_line
 from .scores import Score, effective_options, format_value, score_pair, similarity_options
 
@@ -142,9 +143,9 @@ def _check_joint(args: argparse.Namespace) -> None:
     if args.index != "cka":
         raise UsageError("--estimator joint gives CKA only (NBS needs the kernels' spectra): "
                          "drop --index nbs or use another estimator")
-    if args.kind == "transport":
-        raise UsageError("--estimator joint cannot form the transport kernel (it needs the whole "
-                         "N x N kernel); choose another --kind or estimator")
+    if args.kind not in JOINT_KINDS:
+        raise UsageError(f"--estimator joint cannot form the {args.kind} kernel (it needs the "
+                         "whole N x N kernel); choose another --kind or estimator")
 
 
 def plan(args: argparse.Namespace) -> Plan:

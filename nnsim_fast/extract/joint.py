@@ -27,18 +27,14 @@ from torch import Tensor, nn
 
 from .._checks import check_bool, check_choice, check_optional_int
 from ..compare import SimilarityResult
-from ..options import KINDS
+from ..options import JOINT_KINDS
 from ..pairs import BatchPairs, check_groups
 from .batches import check_data, read_batch
 from .driver import _Monitor, _progress_bar
 from .probe import LayerProbe, eval_mode, model_device
 from .step import Extraction, Statistics, autograd_mode, batch_statistics
 
-__all__ = ["compare_models", "joint_similarities", "JOINT_KINDS"]
-
-#: Kernel kinds whose ``b x b`` block on a batch follows from that batch alone
-#: (``transport`` needs matrix functions of the whole ``N x N`` kernel).
-JOINT_KINDS = tuple(kind for kind in KINDS if kind != "transport")
+__all__ = ["compare_models", "joint_similarities"]
 
 #: Kinds that are linear kernels of per-sample vectors (``x x^T`` summed over
 #: the vectors): centring is invariant to a fixed shift of the vectors, which
@@ -79,7 +75,8 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, data,
             would raise a warning).  With one block holding all the data the
             result is exact.
         layers_a, layers_b: probed layers of each model (default: its children).
-        kind: any kind of :data:`nnsim_fast.options.KINDS` but ``"transport"``.
+        kind: any of :data:`nnsim_fast.options.JOINT_KINDS` (every kind but
+            ``"transport"``).
         dtype: precision of the per-block Gram products (float32 or float64);
             the sums over tuples are float64.
         block: consecutive whole batches are pooled into blocks of up to this
