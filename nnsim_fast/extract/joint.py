@@ -179,9 +179,9 @@ def _sides(models: Sequence[nn.Module], layers: Sequence, options: Dict) -> _Sid
 
 
 class _Kernels:
-    """Each probed layer's ``b x b`` kernel on a batch, one entry per (run, layer).
+    """Each probed layer's ``b x b`` kernel on a block, one entry per (run, layer).
 
-    For the linear kinds the vectors are shifted by the first batch's mean
+    For the linear kinds the vectors are shifted by the first block's mean
     (fixed for the whole pass): ``H K H`` and therefore every centred quantity
     is unchanged, and the entries the estimator sums no longer carry the
     vectors' large common mean (post-ReLU features), which lowers its variance.
@@ -204,14 +204,14 @@ class _Kernels:
         return [self.index[(run, name)] for name in self.sides.names[side]]
 
     def blocks(self, stats) -> Tensor:
-        """``[L, b, b]`` kernels of every key on this batch (``stats[run]``)."""
+        """``[L, b, b]`` kernels of every key on this block (``stats[run]``)."""
         blocks = [self._block(stats[run], run, name) for run, name in self.keys]
         return torch.stack([block.to(device=blocks[0].device, dtype=torch.float64)
                             for block in blocks])
 
     def _block(self, stats, run: int, name: str) -> Tensor:
-        f = stats.features[name].detach().to(self.dtype)
-        g = None if stats.gradients is None else stats.gradients[name].detach().to(self.dtype)
+        f = stats.features[name].to(self.dtype)            # detached by _run
+        g = None if stats.gradients is None else stats.gradients[name].to(self.dtype)
         if self.kind in ("hadamard", "psi"):
             return _gram(f) * _gram(g)
         if self.kind == "khatri_rao" and f.shape[1] != g.shape[1]:
@@ -221,8 +221,10 @@ class _Kernels:
         out = None
         for which in _LINEAR[self.kind]:
             x = vectors[which]
-            shift = self.shifts.setdefault((run, name, which), x.mean(dim=0))
-            x = x - shift
+            key = (run, name, which)
+            if key not in self.shifts:
+                self.shifts[key] = x.mean(dim=0)
+            x = x - self.shifts[key]
             out = _gram(x) if out is None else out + _gram(x)
         return out
 
