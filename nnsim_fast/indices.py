@@ -333,7 +333,14 @@ def _bures_factors(K: Tensor, name: str, centered: bool) -> Tensor:
     K = 0.5 * (K + K.transpose(-2, -1))
     if centered:
         K = _center(K)
-    eigenvalues, eigenvectors = torch.linalg.eigh(K)
+    # Rows that are zero in every kernel of the stack (a sketch's empty buckets) add only
+    # zero eigenvalues; they are left out of the eigendecomposition and put back as zero
+    # rows of the factors.
+    support = (K != 0).reshape(-1, n, n).any(dim=0).any(dim=0).nonzero().squeeze(1)
+    if support.numel() == 0:
+        support = support.new_zeros(1)
+    reduced = K if support.numel() == n else K[..., support[:, None], support]
+    eigenvalues, eigenvectors = symmetric_eigh(reduced)
     smallest = eigenvalues[..., 0]
     if bool((smallest < -PSD_RTOL * reference).any()):
         worst = float((smallest / reference.clamp_min(1e-300)).min())
@@ -351,7 +358,30 @@ def _bures_factors(K: Tensor, name: str, centered: bool) -> Tensor:
     # columns that are zero in every kernel of the stack shrinks the later products
     # and SVDs to the (largest) rank instead of n.
     rank = max(int((eigenvalues > 0).sum(dim=-1).max()), 1)
-    return factors[..., n - rank:]
+    factors = factors[..., factors.shape[-1] - rank:]
+    if support.numel() == n:
+        return factors
+    full = factors.new_zeros(factors.shape[:-2] + (n, rank))
+    full[..., support, :] = factors
+    return full
+
+
+def symmetric_eigh(K: Tensor) -> Tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` of a stack of symmetric float64 matrices; where LAPACK's
+    divide-and-conquer driver reports no convergence (it can on matrices with many equal
+    eigenvalues, depending on the CPU's LAPACK), SciPy's relatively robust representations
+    driver (``evr``) on the CPU instead."""
+    try:
+        return torch.linalg.eigh(K)
+    except torch.linalg.LinAlgError:
+        import numpy as np
+        import scipy.linalg
+
+        flat = K.detach().reshape(-1, K.shape[-1], K.shape[-1]).cpu().numpy()
+        pairs = [scipy.linalg.eigh(matrix, driver="evr") for matrix in flat]
+        values = torch.from_numpy(np.stack([w for w, _ in pairs])).reshape(K.shape[:-1])
+        vectors = torch.from_numpy(np.stack([v for _, v in pairs])).reshape(K.shape)
+        return values.to(K.device), vectors.to(K.device)
 
 
 def _nuclear_norm_of_products(factors_b: Tensor, factor_a: Tensor) -> Tensor:

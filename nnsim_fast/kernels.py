@@ -45,6 +45,7 @@ import torch
 
 from . import ops
 from .estimators import centred_gram, stack_grams
+from .indices import symmetric_eigh
 from ._checks import check_choice
 from .options import CENTERINGS, KINDS
 
@@ -65,7 +66,7 @@ def center_buckets(K: torch.Tensor) -> torch.Tensor:
 
 def _psd_power(K: torch.Tensor, power: float) -> torch.Tensor:
     """``K^power`` of symmetric PSD matrices on their numerical range (pseudo-inverse for < 0)."""
-    values, vectors = torch.linalg.eigh((K + K.transpose(-1, -2)) / 2)
+    values, vectors = symmetric_eigh((K + K.transpose(-1, -2)) / 2)
     limit = values.amax(dim=-1, keepdim=True).clamp_min(0) * K.shape[-1] * torch.finfo(K.dtype).eps
     keep = values > limit
     scaled = torch.where(keep, values.clamp_min(0) if power > 0 else values, torch.ones_like(values))

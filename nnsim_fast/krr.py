@@ -51,6 +51,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from ._checks import check_choice, check_float, check_int
+from .indices import symmetric_eigh
 
 __all__ = ["SketchedKRR", "onehot", "sketch_targets", "DEFAULT_RELATIVE_ALPHAS"]
 
@@ -262,7 +263,7 @@ class SketchedKRR:
         targets = targets.to(kernel.device)
         if alpha is not None:
             alpha = self._check_alpha(alpha, "alpha")
-        eigenvalues, eigenvectors = torch.linalg.eigh((kernel + kernel.T) / 2)
+        eigenvalues, eigenvectors = symmetric_eigh((kernel + kernel.T) / 2)
         self.eigenvalues_ = eigenvalues.clamp_min(0.0)
         self.eigenvectors_ = eigenvectors
         self._rotated_targets = eigenvectors.T @ targets

@@ -253,16 +253,20 @@ def test_compare_default_estimator_with_psi_buckets_matches_the_library(workdir,
                                rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("debiased", [False, True])
-def test_compare_joint_one_block_is_the_exact_value(workdir, capsys, debiased):
-    """--estimator joint with every input in one batch: the exact CKA over all N x N pairs,
-    computed here by the exact path on the same models, and zero error bars."""
-    out = workdir.path / f"joint{int(debiased)}"
-    code, _, err = run(capsys, "compare", "--model", f"{workdir.module}:tiny",
-                       "--weights", *workdir.weights, "--data", "data.pt", "--layers", *LAYERS,
-                       "--estimator", "joint", "--batch-size", 40, "--out", out, "--no-progress",
-                       "--no-plots", *(["--debiased"] if debiased else []))
+@pytest.mark.parametrize("debiased, named", [(False, True), (True, True), (False, False),
+                                             (True, False)])
+def test_compare_joint_one_block_is_the_exact_value(workdir, capsys, debiased, named):
+    """--estimator joint (named, or the default for CKA) with every input in one batch: the
+    exact CKA over all N x N pairs, computed here by the exact path on the same models, and
+    zero error bars."""
+    out = workdir.path / f"joint{int(debiased)}{int(named)}"
+    code, stdout, err = run(capsys, "compare", "--model", f"{workdir.module}:tiny",
+                            "--weights", *workdir.weights, "--data", "data.pt", "--layers",
+                            *LAYERS, *(["--estimator", "joint"] if named else []),
+                            "--batch-size", 40, "--out", out, "--no-progress", "--no-plots",
+                            *(["--debiased"] if debiased else []))
     assert code == 0, err
+    assert "joint estimator" in stdout
     result = json.loads((out / "similarity.json").read_text())
     assert result["estimator"] == "joint" and "m" not in result
     reps = []
@@ -275,6 +279,23 @@ def test_compare_joint_one_block_is_the_exact_value(workdir, capsys, debiased):
     np.testing.assert_allclose(np.array(result["pairs"][0]["matrix"]), expected.numpy(),
                                rtol=1e-4, atol=1e-5)
     assert np.array(result["pairs"][0]["error"]).max() == 0
+
+
+@pytest.mark.parametrize("options", [["--m", "8"], ["--psi-buckets", "16"], ["--index", "nbs"],
+                                     ["--kind", "transport"]])
+def test_compare_default_is_the_sketch_where_joint_cannot_serve(workdir, capsys, options):
+    """Without --estimator: a sketch size or NBS ask for the sketch, the transport kernel for
+    the plug-in on sketches (it has no collision-corrected form); the results record the
+    sketch's settings."""
+    out = workdir.path / f"sketch_default{options[0]}"
+    code, stdout, err = run(capsys, "compare", "--model", f"{workdir.module}:tiny", "--weights",
+                            *workdir.weights, "--data", "data.pt", "--layers", *LAYERS,
+                            *options, "--out", out, "--no-progress", "--no-plots")
+    assert code == 0, err
+    result = json.loads((out / "similarity.json").read_text())
+    expected = "plugin" if "transport" in options else "sketch"
+    assert result["estimator"] == expected and f"{expected} estimator" in stdout
+    assert result["m"] == (8 if options[0] == "--m" else 512)
 
 
 def test_compare_joint_every_pair_in_one_pass(workdir, capsys):
@@ -349,6 +370,8 @@ def base_args(workdir, **overrides):
     ({"--device": "nonsense"}, "--device"),
     ({"--estimator": "joint", "--index": "nbs"}, "CKA only"),
     ({"--estimator": "joint", "--kind": "transport"}, "transport kernel"),
+    ({"--estimator": "joint"}, "joint keeps no sketch: drop --m or"),
+    ({"--estimator": "joint", "--m": None, "--psi-buckets": "64"}, "drop --psi-buckets"),
 ])
 def test_compare_argument_errors(workdir, capsys, overrides, match):
     expect_usage_error(capsys, *base_args(workdir, **overrides), match=match)

@@ -542,3 +542,73 @@ def test_mean_embedding_ratio_scaling_and_zero_kernel():
     X = rng.normal(size=(10, 3))
     Xc = X - X.mean(axis=0)
     assert mean_embedding_norm_from_kernel(t(Xc @ Xc.T)) == pytest.approx(0.0, abs=1e-7)
+
+
+# --------------------------------------------------------------------------- zero rows
+
+def _padded(K: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros((n, n))
+    out[np.ix_(rows, rows)] = K
+    return out
+
+
+def test_nbs_of_kernels_with_many_zero_rows():
+    """A sketched kernel with far more buckets than rows is mostly zero rows (empty buckets):
+    NBS on the padded kernels equals the reference on the occupied block, and does not depend
+    on LAPACK converging on thousands of equal eigenvalues."""
+    rng = np.random.default_rng()
+    occupied = np.sort(rng.choice(2048, size=37, replace=False))
+    features = [rng.standard_normal((37, 6)) * rng.uniform(0.5, 2.0, 6) * 1e-2 for _ in range(3)]
+    reference = ref_nbs_features(features[0], features[1])
+    padded = [torch.from_numpy(_padded(X @ X.T, occupied, 2048)) for X in features]
+    assert nbs(padded[0], padded[1], centered=False) == pytest.approx(reference, abs=1e-9)
+    matrix = nbs_matrix(torch.stack(padded[:2]), torch.stack(padded[1:]), centered=False)
+    assert float(matrix[0, 0]) == pytest.approx(reference, abs=1e-9)
+    assert float(matrix[1, 0]) == pytest.approx(1.0, abs=1e-9)
+    assert float(matrix[0, 1]) == pytest.approx(ref_nbs_features(features[0], features[2]),
+                                                abs=1e-9)
+
+
+def test_symmetric_eigh_falls_back_when_lapack_does_not_converge(monkeypatch):
+    """Where torch's eigh reports no convergence, SciPy's evr driver gives the
+    decomposition: eigenvalues as numpy's, and vectors that rebuild the matrices."""
+    from nnsim_fast import indices
+
+    def refuse(_):
+        raise torch.linalg.LinAlgError("linalg.eigh: the algorithm failed to converge")
+
+    X = torch.randn(2, 3, 9, 4, dtype=torch.float64)
+    K = X @ X.transpose(-1, -2)
+    monkeypatch.setattr(torch.linalg, "eigh", refuse)
+    values, vectors = indices.symmetric_eigh(K)
+    assert values.shape == K.shape[:-1] and vectors.shape == K.shape
+    np.testing.assert_allclose(values.numpy(), np.linalg.eigvalsh(K.numpy()), atol=1e-10)
+    rebuilt = (vectors * values.unsqueeze(-2)) @ vectors.transpose(-1, -2)
+    torch.testing.assert_close(rebuilt, K, atol=1e-10, rtol=1e-10)
+
+
+def test_plugin_nbs_of_a_sketch_with_mostly_empty_buckets():
+    """40 rows in 2048 psi buckets (a small data set at the default m): the plug-in NBS is the
+    reference NBS of the occupied buckets' block (this sketch once made LAPACK's eigh fail)."""
+    import warnings
+
+    import nnsim_fast
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 5)
+    models = [torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 6),
+                                  torch.nn.Linear(6, 3)) for _ in range(2)]
+    reps = [nnsim_fast.sketch_model(model, [x], layers=["0", "2"], m=512, seed=0, progress=False)
+            for model in models]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = nnsim_fast.similarity(reps[0], reps[1], index="nbs").matrix
+        grams = [rep.grams(["0", "2"], "hadamard") for rep in reps]
+    for i in range(2):
+        for j in range(2):
+            pairs = []
+            for x_half, y_half in ((0, 1), (1, 0)):
+                a, b = grams[0].kernels[i, x_half].numpy(), grams[1].kernels[j, y_half].numpy()
+                rows = np.flatnonzero(np.abs(a).sum(0) + np.abs(b).sum(0))
+                pairs.append(ref_nbs_sqrtm(a[np.ix_(rows, rows)], b[np.ix_(rows, rows)]))
+            assert float(value[i, j]) == pytest.approx(sum(pairs) / 2, abs=1e-6)

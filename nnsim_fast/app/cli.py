@@ -147,10 +147,12 @@ def _add_compare_sketch(compare: argparse.ArgumentParser) -> None:
     compare.add_argument("--data", required=True, metavar="FILE",
                          help="inputs: a tensor [N, ...], a tuple (x, y) or a dict with 'x' and "
                               "optional 'y', saved with torch.save (or .safetensors with x, y)")
-    compare.add_argument("--m", type=_positive_int, default=512, help="sketch buckets (512)")
+    compare.add_argument("--m", type=_positive_int, default=None,
+                         help="sketch buckets (512); giving it asks for a sketch estimator")
     compare.add_argument("--psi-buckets", type=_positive_int, default=None, metavar="M",
-                         help="buckets of the psi halves that the default estimator of "
-                              "--kind hadamard reads (default: 4 m up to 2048, never below m)")
+                         help="buckets of the psi halves that the sketch estimator of "
+                              "--kind hadamard reads (default: 4 m up to 2048, never below m); "
+                              "giving it asks for a sketch estimator")
     compare.add_argument("--seed", type=_non_negative_int, default=0, help="sketch seed (0)")
     compare.add_argument("--beta", type=_beta, default=0.5,
                          help="temperature of the predictive for expected gradients (0.5)")
@@ -161,7 +163,8 @@ def _add_compare_sketch(compare: argparse.ArgumentParser) -> None:
                          help="feature maps: keep every position (flatten) or average them")
     compare.add_argument("--batch-size", type=_positive_int, default=256)
     compare.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                         help="sketch accumulator precision (indices always use float64)")
+                         help="sketch accumulators, or the joint estimator's block Gram products "
+                              "(indices always use float64)")
     compare.add_argument("--device", default="cpu", help="torch device (default cpu)")
     compare.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                          help="torch CPU threads (default: torch's own choice)")
@@ -173,11 +176,13 @@ def _add_compare_index(compare: argparse.ArgumentParser) -> None:
     compare.add_argument("--kind", choices=options.KINDS, default="hadamard",
                          help="kernel: hadamard = features o gradients (the paper, default)")
     compare.add_argument("--estimator", choices=options.COMPARE_ESTIMATORS, default=None,
-                         help="how the index is estimated (default: the library's sketch); "
-                              "joint: both models of a pair run over the same shuffled batches "
-                              "and CKA comes from exact within-block kernel entries (the most "
-                              "accurate; CKA only, no sketch kept); the error bar of each value "
-                              "is printed when the estimator gives one")
+                         help="how the index is estimated. joint (the default for CKA): "
+                              "every model runs over the same shuffled batches and CKA comes "
+                              "from exact within-block kernel entries (the most accurate; no "
+                              "sketch kept); sketch (the default for NBS, --kind transport, or "
+                              "when --m or --psi-buckets is given): each model sketched on its "
+                              "own. The error bar of each value is printed when the estimator "
+                              "gives one")
     compare.add_argument("--debiased", action="store_true",
                          help="debiased HSIC (U-statistic) in the index")
     compare.add_argument("--centering", choices=options.CENTERINGS, default=None,

@@ -137,6 +137,28 @@ class Plan:
     options: Dict[str, Any]
 
 
+#: Sketch buckets when ``--m`` is not given and a sketch is made.
+DEFAULT_M = 512
+
+
+def resolve_estimator(args: argparse.Namespace) -> None:
+    """Fill in the default estimator: ``joint`` (every model over the same batches, CKA from
+    exact within-block kernel entries: the lowest error measured, docs/joint.md) whenever it
+    can give what was asked -- CKA of a kind other than ``transport``, no sketch size, no
+    centring option -- and otherwise the library's sketch, or for ``transport`` (which has no
+    collision-corrected form) the plug-in on data-centred sketches.  ``args.m`` gets its
+    default when a sketch is made."""
+    if args.estimator is None:
+        sketch_asked = args.m is not None or args.psi_buckets is not None
+        joint_fits = args.index == "cka" and args.kind in JOINT_KINDS and args.centering is None
+        if joint_fits and not sketch_asked:
+            args.estimator = "joint"
+        else:
+            args.estimator = "plugin" if args.kind == "transport" else "sketch"
+    if args.estimator != "joint" and args.m is None:
+        args.m = DEFAULT_M
+
+
 def _check_joint(args: argparse.Namespace) -> None:
     if args.estimator != "joint":
         return
@@ -146,11 +168,17 @@ def _check_joint(args: argparse.Namespace) -> None:
     if args.kind not in JOINT_KINDS:
         raise UsageError(f"--estimator joint cannot form the {args.kind} kernel (it needs the "
                          "whole N x N kernel); choose another --kind or estimator")
+    given = [option for option, value in (("--m", args.m), ("--psi-buckets", args.psi_buckets))
+             if value is not None]
+    if given:
+        raise UsageError(f"--estimator joint keeps no sketch: drop {' and '.join(given)} or "
+                         "choose --estimator sketch")
 
 
 def plan(args: argparse.Namespace) -> Plan:
     """Check every argument in the order that costs least, and import no user code."""
     jobs = model_jobs(args)
+    resolve_estimator(args)
     _check_joint(args)
     options = similarity_options(args.estimator, args.debiased, args.centering)
     inputs.prepare_output_dir(args.out)
@@ -255,7 +283,7 @@ def joint_scores(work: Plan, args) -> List[Score]:
         results = joint_similarities([model for model, _ in built], batches,
                                      [layers for _, layers in built], pairs, kind=args.kind,
                                      debiased=args.debiased, beta=args.beta, target=args.target,
-                                     spatial=args.spatial,
+                                     spatial=args.spatial, dtype=getattr(torch, args.dtype),
                                      progress=False if args.no_progress else None)
     except (RuntimeError, ValueError, TypeError, IndexError, FloatingPointError) as error:
         raise UsageError(f"comparing the models on --data {args.data!r} failed: "
@@ -362,7 +390,8 @@ def print_summary(results: Dict[str, Any], out: str, figures: Sequence[str]) -> 
     index = results["index"].upper()
     pairs = results["pairs"]
     for entry in pairs:
-        print(f"\n{index} ({results['kind']} kernel), rows: {entry['a']}, columns: {entry['b']}")
+        print(f"\n{index} ({results['kind']} kernel, {results['estimator']} estimator), "
+              f"rows: {entry['a']}, columns: {entry['b']}")
         print(format_matrix(entry["layers_a"], entry["layers_b"], entry["matrix"],
                             entry.get("error")))
         for warning in entry.get("warnings", []):
