@@ -35,6 +35,10 @@ ESTIMATORS = ("sketch", "plugin", "paper", "exact")
 #: same batches and CKA comes from the exact within-block kernel entries
 #: (:func:`nnsim_fast.compare_models`; no representation is kept).
 COMPARE_ESTIMATORS = ESTIMATORS + ("joint",)
+#: The demo's: ``joint`` (its default) takes CKA from one pass of every model over the same
+#: batches and NBS from the sketches; ``exact`` needs unsketched representations, which the
+#: demo does not keep.
+DEMO_ESTIMATORS = ("joint",) + tuple(name for name in ESTIMATORS if name != "exact")
 
 #: Centring of an ``m x m`` sketched kernel (``Representation.kernel(centering=...)``).
 CENTERINGS = ("none", "buckets", "data")

@@ -327,6 +327,12 @@ def test_tiny_demo_end_to_end_then_cached_and_deterministic(tmp_path, capsys):
     assert len(verdict_lines(first_out)) == 8
     first = check_results(out, "tiny", 2, 32)
     assert all(x["trained_now"] for x in first["models"])
+    # The default takes CKA from the joint pass; the tiny test split (32 rows) is one block,
+    # where that estimate is the exact value over all pairs and its error bars are 0.
+    assert first["config"]["sketch"]["estimator"] == "joint"
+    for kind in demo.KINDS:
+        assert first["exact"][kind]["cka"]["max_abs_difference"] < 1e-8, kind
+        assert np.all(np.array(first["similarity"][kind]["cka"]["errors"]) == 0)
     assert first["figures"] == [] and not list(out.glob("*.png"))
     assert len(list((out / "models").glob("*.pt"))) == 6
 
@@ -358,6 +364,11 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     for line in lines:
         assert line.count("PASS") + line.count("FAIL") == 3
     assert math.isfinite(results["timings"]["total"])
+    # The joint CKA over 539 rows in blocks of up to 512: far inside the 0.03 target of the
+    # sketch (its error falls like 1 / sqrt(N x block)), and mostly within its error bars.
+    for kind in demo.KINDS:
+        check = results["exact"][kind]["cka"]
+        assert check["max_abs_difference"] < 0.01 and check["within_two_stderr"] > 0.8, kind
 
 
 def test_run_demo_takes_numpy_scalars(tmp_path):
@@ -385,7 +396,7 @@ def test_demo_argument_errors(tmp_path, capsys, argv, match):
 def test_debiased_demo_reports_errors_and_warnings(tmp_path, capsys):
     out = tmp_path / "est"
     argv = ["demo", "--tiny", "--out", str(out), "--no-progress", "--quiet", "--no-figures",
-            "--debiased"]
+            "--debiased", "--estimator", "sketch"]
     assert cli.main(argv) == 0
     assert len(verdict_lines(capsys.readouterr().out)) == 8
     results = json.loads((out / "results.json").read_text())
@@ -431,3 +442,42 @@ def test_settings_overrides_are_checked():
         demo.with_overrides(tiny, spatial="max")
     files = demo.settings_for("quick", data_root="somewhere")
     assert (files.width, files.spatial, files.m) == (8, "mean", 128)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_joint_cka_pairs_each_model_with_its_own_task(debiased):
+    """The demo's joint pass feeds each model its own task's rows (paired by index across
+    tasks) and puts every (model, block) at the right place: with all rows in one block each
+    entry is the exact CKA of those two models on their tasks' rows, computed here from exact
+    representations, and the heatmaps are the cross matrices of the same values."""
+    from types import SimpleNamespace
+
+    from nnsim_fast import similarity
+    from nnsim_fast.app.demo.joint_stage import joint_cka
+    from nnsim_fast.extract import exact_model
+
+    n = 150
+    tasks = {name: SimpleNamespace(x_test=torch.randn(n, 6) + shift)
+             for name, shift in zip("ABC", (0.0, 1.0, -2.0))}
+    models = []
+    for task in "ABCA":
+        net = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.ReLU(), torch.nn.Linear(9, 5),
+                                  torch.nn.Tanh(), torch.nn.Linear(5, 4))
+        models.append(SimpleNamespace(model=net, task=task))
+    layers = ["1", "3"]
+    settings = demo.with_overrides(demo.settings_for("tiny"), debiased=debiased)
+    pairs = [(0, 1), (1, 3)]
+    out = joint_cka(models, tasks, layers, settings, seed=5, heatmap_pairs=pairs, bars=False)
+    exact = [exact_model(entry.model, [tasks[entry.task].x_test], layers=layers, progress=False)
+             for entry in models]
+    for kind in demo.KINDS:
+        for i in range(len(models)):
+            for j in range(len(models)):
+                expected = similarity(exact[i], exact[j], kind=kind, debiased=debiased).matrix
+                for block in range(len(layers)):
+                    assert float(out[kind]["matrices"][block][i, j]) == pytest.approx(
+                        float(expected[block, block]), abs=1e-6), (kind, i, j, block)
+                if (i, j) in pairs:
+                    np.testing.assert_allclose(out[kind]["heatmaps"][(i, j)].numpy(),
+                                               expected.numpy(), atol=1e-6)
+        assert all(float(e.abs().max()) == 0 for e in out[kind]["errors"])

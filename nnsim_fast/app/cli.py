@@ -102,8 +102,10 @@ def _add_demo_parser(commands) -> None:
                            "their average (mean; the default with --data-root)")
     # The demo always computes the exact values too, beside the estimates it reports.
     demo.add_argument("--estimator", default=None,
-                      choices=[name for name in options.ESTIMATORS if name != "exact"],
-                      help="similarity estimate (default sketch: the data-centred CKA with "
+                      choices=options.DEMO_ESTIMATORS,
+                      help="similarity estimate (default joint: CKA from exact within-block "
+                           "kernel entries of every model over the same batches, NBS from the "
+                           "sketches; sketch: the data-centred index from the sketches with "
                            "collision terms removed and error bars; plugin: the sketched "
                            "kernels centred over the data; paper: Algorithm 1 as the paper "
                            "reports it)")

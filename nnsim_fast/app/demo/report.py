@@ -86,7 +86,10 @@ def _header(results: Dict[str, Any]) -> List[str]:
     sketch = cfg["sketch"]
     estimate = {"paper": "Algorithm 1 (kernels centred over buckets)",
                 "plugin": "plug-in (sketched kernels centred over the data)",
-                "sketch": "collision-corrected data-centred estimator"}.get(
+                "sketch": "collision-corrected data-centred estimator",
+                "joint": "CKA from exact within-block kernel entries of all models over the "
+                         "same batches (`compare_models`); NBS plug-in on data-centred "
+                         "sketches"}.get(
                     sketch.get("estimator", "sketch"), str(sketch.get("estimator"))) + \
         (", debiased HSIC" if sketch.get("debiased") else "")
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in results["timings"].items())
@@ -140,11 +143,15 @@ def _desiderata_section(results: Dict[str, Any]) -> List[str]:
             _table(["representation", "index"] + _KEYS + ["(1)", "(2)", "(3)", "blocks"], rows)]
 
 
+_NBS_NOTE = " (NBS: from the sketches)"
+
+
 def _exact_section(results: Dict[str, Any]) -> List[str]:
     check = results.get("exact")
     if not check:
         return []
     estimator = results["config"]["sketch"]["estimator"]
+    estimates = f"{estimator} estimates" + (_NBS_NOTE if estimator == "joint" else "")
     rows = []
     for kind in KINDS:
         for index in INDICES:
@@ -158,7 +165,7 @@ def _exact_section(results: Dict[str, Any]) -> List[str]:
     return ["", "## Estimates against exact values", "",
             f"Every similarity of the table above computed again over all N × N pairs of the "
             f"N = {check['n']} test rows in float64 (`estimator=\"exact\"`), against the "
-            f"{estimator} estimates: largest and mean |estimate − exact| over distinct model "
+            f"{estimates}: largest and mean |estimate − exact| over distinct model "
             "pairs and blocks, the share within two reported standard errors, and each "
             "desideratum as read from the estimates / from the exact values.", "",
             _table(["similarity", "max abs diff", "mean abs diff", "within 2 s.e.",

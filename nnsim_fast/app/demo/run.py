@@ -19,6 +19,7 @@ from ..scores import similarity_options
 from . import stages
 from .exact_check import exact_stage, largest_difference
 from .figures import write_figures
+from .joint_stage import joint_cka
 from .report import format_desiderata, format_report
 from .settings import INDICES, KINDS, DemoSettings, settings_for
 
@@ -90,6 +91,13 @@ def _models_summary(models, out: str) -> List[Dict[str, Any]]:
              "weights": os.path.relpath(e.path, out) if e.path else ""} for e in models]
 
 
+def _estimator_words(settings: DemoSettings) -> str:
+    if settings.estimator == "joint":
+        return ("CKA: joint estimator, every model over the same batches; NBS: plug-in on the "
+                "sketches")
+    return f"{settings.estimator} estimator"
+
+
 def _analyse(settings: DemoSettings, seed: int, out: str, log: stages.Log, bars: bool,
              timer: _Timer) -> Dict[str, Any]:
     """Stages 1-7; returns the results without timings and figures."""
@@ -113,9 +121,11 @@ def _analyse(settings: DemoSettings, seed: int, out: str, log: stages.Log, bars:
     timer.lap("sketch")
 
     log(f"[4/{_STEPS}] model x model similarity at every block: "
-        f"{len(KINDS)} kernels x {len(INDICES)} indices ({settings.estimator} estimator)")
+        f"{len(KINDS)} kernels x {len(INDICES)} indices ({_estimator_words(settings)})")
+    joint = (joint_cka(models, tasks, layers, settings, seed, stages.heatmap_pairs(models), bars)
+             if settings.estimator == "joint" else None)
     similarity, heatmaps, heatmap_seconds, warnings = stages.similarity_stage(
-        own_reps, models, layers, settings, bars)
+        own_reps, models, layers, settings, bars, joint)
     for warning in warnings:
         log(f"  warning: {warning}")
     timer.lap("similarity")
@@ -125,7 +135,7 @@ def _analyse(settings: DemoSettings, seed: int, out: str, log: stages.Log, bars:
         f"{', '.join(next(iter(heatmaps.values())))}")
 
     log(f"[6/{_STEPS}] the same similarities over all N x N pairs (exact, float64), "
-        f"against the {settings.estimator} estimates")
+        f"against the estimates")
     exact = exact_stage(models, tasks, layers, settings, similarity, bars)
     log(f"  largest |estimate - exact|: {largest_difference(exact):.3f}")
     timer.lap("exact")

@@ -38,7 +38,7 @@ class DemoSettings:
     datasets with the bundled stand-ins and :class:`~nnsim_fast.models.SmallResNet`;
     a folder reads CIFAR-10, CIFAR-100 and SVHN from it and trains ResNet-18 of first-stage
     width ``width``.  ``spatial`` pools feature maps for the sketch; ``estimator`` and
-    ``debiased`` choose how similarities are estimated (:data:`nnsim_fast.options.ESTIMATORS`).
+    ``debiased`` choose how similarities are estimated (:data:`nnsim_fast.options.DEMO_ESTIMATORS`).
     """
 
     mode: str
@@ -52,7 +52,7 @@ class DemoSettings:
     data_root: Optional[str] = None
     width: Optional[int] = None
     spatial: str = "flatten"
-    estimator: str = "sketch"
+    estimator: str = "joint"
     debiased: bool = False
 
 
@@ -117,7 +117,7 @@ def with_overrides(settings: DemoSettings, *, models_per_task: Optional[int] = N
         "m": check_optional_int(m, "m", 1),
         "spatial": None if spatial is None else check_choice(spatial, "spatial", options.SPATIAL),
         "estimator": (None if estimator is None else
-                      check_choice(estimator, "estimator", options.ESTIMATORS)),
+                      check_choice(estimator, "estimator", options.DEMO_ESTIMATORS)),
         "debiased": check_bool(debiased, "debiased") or None,
     }
     settings = replace(settings, **{k: v for k, v in changes.items() if v is not None})

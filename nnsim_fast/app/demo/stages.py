@@ -286,12 +286,12 @@ def _estimator_notes(kind: str, grams, errors, m: int) -> List[str]:
     return notes
 
 
-def _default_kind(own_reps, layers, kind: str, settings, pairs):
+def _default_kind(own_reps, layers, kind: str, settings, pairs, indices=INDICES):
     """One kind: each model's Gram summary built once, every model pair and block from the
     stack, the heatmaps' pairs from the same summaries (what similarity() would give)."""
     grams = [rep.grams(layers, kind) for rep in own_reps]
     out, maps, errors = {}, {}, []
-    for index in INDICES:
+    for index in indices:
         debiased = settings.debiased and index == "cka"
         results = [_estimate(stacked, stacked, index, debiased) for stacked in
                    (estimators.stack_grams([g[layer] for g in grams]) for layer in range(len(layers)))]
@@ -302,15 +302,20 @@ def _default_kind(own_reps, layers, kind: str, settings, pairs):
     return out, maps, _estimator_notes(kind, grams, errors, own_reps[0].m)
 
 
-def _default_estimator(own_reps, models, layers, settings, bars):
-    """Every (kind, index) with the default estimator, with its error bars and warnings."""
+def _default_estimator(own_reps, models, layers, settings, bars, joint=None):
+    """Every (kind, index) with the sketch estimator, with its error bars and warnings; with
+    ``joint`` (:func:`~.joint_stage.joint_cka`'s results) CKA comes from there instead."""
     labels, tasks = [e.label for e in models], [e.task for e in models]
     pairs = heatmap_pairs(models)
     similarity: Dict[str, Dict[str, Any]] = {kind: {} for kind in KINDS}
     heatmaps: Dict[str, Dict[str, Any]] = {}
     notes: List[str] = []
+    indices = INDICES if joint is None else tuple(i for i in INDICES if i != "cka")
     for kind in progress_bar(KINDS, len(KINDS), "similarity", bars):
-        out, maps, found = _default_kind(own_reps, layers, kind, settings, pairs)
+        out, maps, found = _default_kind(own_reps, layers, kind, settings, pairs, indices)
+        if joint is not None:
+            out["cka"] = (joint[kind]["matrices"], joint[kind]["errors"])
+            maps["cka"] = joint[kind]["heatmaps"]
         notes += found
         for index, (matrices, errors) in out.items():
             entry = _entry(matrices, tasks)
@@ -324,14 +329,15 @@ def _default_estimator(own_reps, models, layers, settings, bars):
 
 
 def similarity_stage(own_reps, models: Sequence[DemoModel], layers: List[str],
-                     settings: DemoSettings, bars: bool):
-    """Model x model similarity at every block for every kernel kind and index.
+                     settings: DemoSettings, bars: bool, joint=None):
+    """Model x model similarity at every block for every kernel kind and index (``joint``:
+    the CKA of :func:`~.joint_stage.joint_cka`, for ``estimator="joint"``).
 
     Returns ``(similarity {kind: {index: entry}}, block x block heatmaps, seconds spent on the
     heatmaps, warnings)``.
     """
-    if settings.estimator == "sketch":
-        return _default_estimator(own_reps, models, layers, settings, bars)
+    if settings.estimator in ("sketch", "joint"):
+        return _default_estimator(own_reps, models, layers, settings, bars, joint)
     if uses_library_estimator(settings):
         return _library(own_reps, models, layers, settings, bars)
     return _stacked(own_reps, models, layers, settings, bars)
