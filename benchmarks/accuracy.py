@@ -795,6 +795,12 @@ def target_section(results: Dict[str, object]) -> List[str]:
               "accuracy), with the number of flips and the largest exact gap of a flipped couple:", ""]
     lines += table(["network", "N", "default: order", "paper (buckets)", "plugin (data)"],
                    order_rows(results))
+    lines += ["", "The verdict is a statement about the seeds of this run: the sketch's error is random, "
+              "and its tail on low-rank layers is the floor of any sketch of the sample axis "
+              "(docs/estimators.md, section 6), so more seeds find larger values; "
+              "`benchmarks/psi_buckets.py` measures that tail over more seeds. With both models at "
+              "hand, `compare_models` (the default of `nnsim-fast compare` and of the demo for CKA) "
+              "has no such floor: benchmarks/PEERS.md and docs/joint.md."]
     return lines + [""] + smallest_m_lines(results) + [""]
 
 
