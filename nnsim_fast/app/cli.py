@@ -194,8 +194,10 @@ def _add_compare_index(compare: argparse.ArgumentParser) -> None:
 def _add_compare_parser(commands) -> None:
     compare = commands.add_parser(
         "compare", help="layer x layer similarity of your own models on your own inputs",
-        description="Sketch each model on the same inputs with the same sketch and write the "
-        "layer x layer similarity of every pair of models (JSON, CSV, heatmaps). Name the "
+        description="Write the layer x layer similarity of every pair of models on the same "
+        "inputs (JSON, CSV, heatmaps): CKA by default from one joint pass of all models over "
+        "the same shuffled batches, NBS (or any --estimator but joint) from a sketch of each "
+        "model with the same sketch. Name the "
         "models either with --model and one --weights file per model (one file gives the "
         "model's own layer x layer similarity), or with --model-a and --model-b. --model "
         "imports and calls arbitrary code: only name modules you trust.")

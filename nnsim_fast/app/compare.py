@@ -10,9 +10,11 @@ Two ways to name the models:
 
 Every input is checked before the first model is built: the output folder, the data file
 (before any model module is imported), the weights files, the device and the estimator
-options.  Each model is sketched on the same inputs with the same sketch (dataset indices
-travel with the batches), and the results go to ``similarity.json``, one CSV per pair, a
-long-form ``similarity.csv`` and PNG heatmaps.
+options.  By default (CKA of any kernel but ``transport``, no sketch size given) every model
+runs over the same shuffled batches in one pass and each pair's CKA comes from exact
+within-block kernel entries (:func:`resolve_estimator`); otherwise each model is sketched on
+the same inputs with the same sketch (dataset indices travel with the batches).  The results
+go to ``similarity.json``, one CSV per pair, a long-form ``similarity.csv`` and PNG heatmaps.
 """
 from __future__ import annotations
 
